@@ -11,11 +11,14 @@ for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
+from deepmetric.models.embedder import Embedder, build_model, count_parameters, model_fingerprint  # noqa: E402
+
 for _name, _obj in MODELS.items():
     if hasattr(_obj, "__name__"):
         globals()[_obj.__name__] = _obj
 
-__all__ = sorted({getattr(o, "__name__", n) for n, o in MODELS.items()} | {"names", "build", "describe", "MODELS"})
+__all__ = sorted({getattr(o, "__name__", n) for n, o in MODELS.items()} | {"names", "build", "describe", "MODELS"}
+                 | {"Embedder", "build_model", "count_parameters", "model_fingerprint"})
 
 
 def names() -> list[str]:
