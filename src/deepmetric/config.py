@@ -54,6 +54,8 @@ __all__ = [
     "apply_overrides",
     "dumps_toml",
     "validate_components",
+    "loss_constructor_args",
+    "loss_training_args",
 ]
 
 
@@ -125,6 +127,7 @@ class Config:
     loss: Component = field(default_factory=lambda: Component("multi_similarity", {}))
     miner: Component | None = field(default_factory=lambda: Component("multi_similarity", {}))
     sampler: Component = field(default_factory=lambda: Component("m_per_class", {"m": 4, "batch_size": 128}))
+    extra_losses: tuple[Component, ...] = ()
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -138,7 +141,9 @@ _SECTIONS: dict[str, type] = {
     "eval": EvalConfig,
 }
 _COMPONENTS = ("loss", "miner", "sampler")
-_TOP_LEVEL = ("seed",)
+_TOP_LEVEL = ("seed", "extra_losses")
+# Keys of a loss table that configure training, not the loss constructor.
+LOSS_TRAINING_KEYS = ("weight", "lr")
 
 
 def _valid_keys_message(section: str, valid: list[str]) -> str:
@@ -230,6 +235,10 @@ def config_from_dict(raw: Mapping[str, Any]) -> Config:
             values[key] = _section(key, _SECTIONS[key], value)
         elif key in _COMPONENTS:
             values[key] = _component(key, value, getattr(base, key))
+        elif key == "extra_losses":
+            if not isinstance(value, list):
+                raise ConfigError("extra_losses must be an array of tables: [[extra_losses]] name = ...")
+            values[key] = tuple(_component("extra_losses", v, None) for v in value)
         else:
             raise ConfigError(f"unknown top-level key {key!r}; {_valid_keys_message('', valid_top)}")
     return dataclasses.replace(base, **values)
@@ -301,6 +310,8 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     for name in _COMPONENTS:
         comp = getattr(config, name)
         out[name] = {"name": "none"} if comp is None else {"name": comp.name, **dict(comp.args)}
+    if config.extra_losses:
+        out["extra_losses"] = [{"name": c.name, **dict(c.args)} for c in config.extra_losses]
     return out
 
 
@@ -318,24 +329,55 @@ def _toml_value(value: Any) -> str:
     raise ConfigError(f"cannot write {value!r} to TOML")
 
 
+def _is_table_array(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
 def dumps_toml(data: Mapping[str, Any]) -> str:
-    """Serialise a two-level mapping (top-level scalars + tables) to TOML."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    """Serialise top-level scalars, tables and arrays of tables to TOML."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items()
+             if not isinstance(v, dict) and not _is_table_array(v)]
     for key, value in data.items():
         if isinstance(value, dict):
             lines.append("")
             lines.append(f"[{key}]")
             lines.extend(f"{k} = {_toml_value(v)}" for k, v in value.items())
+        elif _is_table_array(value):
+            for table in value:
+                lines.append("")
+                lines.append(f"[[{key}]]")
+                lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
     return "\n".join(lines) + "\n"
+
+
+def loss_constructor_args(component: Component) -> dict[str, Any]:
+    """A loss component's arguments without the training keys (weight, lr)."""
+    return {k: v for k, v in component.args.items() if k not in LOSS_TRAINING_KEYS}
+
+
+def loss_training_args(component: Component) -> tuple[float, float | None]:
+    """``(weight, lr)`` of a loss component (weight 1, lr None = optim.loss_lr or optim.lr)."""
+    weight = component.args.get("weight", 1.0)
+    lr = component.args.get("lr")
+    for key, value in (("weight", weight), ("lr", lr)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"loss {component.name!r}: {key} must be a number, got {value!r}")
+    return float(weight), (None if lr is None else float(lr))
 
 
 def validate_components(config: Config) -> None:
     """Check names and keyword arguments of every component against the registries (no work done)."""
+    import deepmetric.losses  # noqa: F401  (importing fills the registries)
+    import deepmetric.miners  # noqa: F401
+    import deepmetric.models  # noqa: F401
+    import deepmetric.samplers  # noqa: F401
     from deepmetric.registry import LOSSES, MINERS, MODELS, SAMPLERS
 
-    injected_loss = {"num_classes", "embedding_dim"}
-    LOSSES.get(config.loss.name)
-    LOSSES.check_kwargs(config.loss.name, dict(config.loss.args), positional=tuple(injected_loss))
+    injected_loss = ("num_classes", "embedding_dim")
+    for comp in (config.loss, *config.extra_losses):
+        LOSSES.get(comp.name)
+        LOSSES.check_kwargs(comp.name, loss_constructor_args(comp), positional=injected_loss)
+        loss_training_args(comp)
     if config.miner is not None:
         MINERS.get(config.miner.name)
         MINERS.check_kwargs(config.miner.name, dict(config.miner.args))

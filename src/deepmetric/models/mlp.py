@@ -66,6 +66,8 @@ class MLP(nn.Module):
         self.out_features = previous
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() > 2:  # images or other tensors: flattened per sample
+            x = x.flatten(1)
         if x.dim() != 2 or x.shape[1] != self.input_dim:
             raise DataError(f"MLP expects vectors (B, {self.input_dim}); got shape {tuple(x.shape)}")
         return self.layers(x)

@@ -86,29 +86,104 @@ def _build_model(config: Config, input_shape: tuple[int, ...], kind: str) -> nn.
     )
 
 
+class LossSet(nn.Module):
+    """The weighted sum of one or more losses; the miner feeds those that take mined tuples."""
+
+    def __init__(self, names: list[str], losses: list[nn.Module], weights: list[float]) -> None:
+        super().__init__()
+        self.names = list(names)
+        self.losses = nn.ModuleList(losses)
+        self.weights = list(weights)
+
+    @property
+    def takes_tuples(self) -> bool:
+        return any(getattr(l, "tuple_kind", None) is not None for l in self.losses)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, miner: nn.Module | None = None) -> torch.Tensor:
+        indices = miner(embeddings, labels) if miner is not None else None
+        total = None
+        for loss, weight in zip(self.losses, self.weights):
+            if indices is not None and getattr(loss, "tuple_kind", None) is not None:
+                value = loss(embeddings, labels, indices=indices)
+            else:
+                value = loss(embeddings, labels)
+            total = weight * value if total is None else total + weight * value
+        assert total is not None
+        return total
+
+
 def build_components(
     config: Config, num_train_classes: int, input_shape: tuple[int, ...], kind: str
-) -> tuple[nn.Module, nn.Module, nn.Module | None]:
-    """Model, loss (with num_classes/embedding_dim injected when it takes them) and optional miner."""
+) -> tuple[nn.Module, LossSet, nn.Module | None]:
+    """Model, losses (num_classes/embedding_dim injected where taken) and optional miner."""
+    from deepmetric.config import loss_constructor_args, loss_training_args
     from deepmetric.registry import LOSSES, MINERS
 
     torch.manual_seed(config.seed)
     model = _build_model(config, input_shape, kind)
-    loss_cls = LOSSES.get(config.loss.name)
-    loss_kwargs = dict(config.loss.args)
-    if _accepts(loss_cls, "num_classes"):
-        loss_kwargs["num_classes"] = num_train_classes
-    if _accepts(loss_cls, "embedding_dim"):
-        loss_kwargs["embedding_dim"] = config.model.embedding_dim
-    loss = LOSSES.build(config.loss.name, **loss_kwargs)
+    names, losses, weights = [], [], []
+    for comp in (config.loss, *config.extra_losses):
+        loss_cls = LOSSES.get(comp.name)
+        kwargs = loss_constructor_args(comp)
+        if _accepts(loss_cls, "num_classes"):
+            kwargs["num_classes"] = num_train_classes
+        if _accepts(loss_cls, "embedding_dim"):
+            kwargs["embedding_dim"] = config.model.embedding_dim
+        names.append(comp.name)
+        losses.append(LOSSES.build(comp.name, **kwargs))
+        weights.append(loss_training_args(comp)[0])
+    loss_set = LossSet(names, losses, weights)
     miner = None
     if config.miner is not None:
         miner = MINERS.build(config.miner.name, **dict(config.miner.args))
-        if getattr(loss, "tuple_kind", None) is None:
+        if not loss_set.takes_tuples:
             raise ConfigError(
                 f"loss {config.loss.name!r} does not take mined tuples; set [miner] name = \"none\""
             )
-    return model, loss, miner
+    return model, loss_set, miner
+
+
+def _param_groups(config: Config, model: nn.Module, loss_set: LossSet) -> list[dict[str, Any]]:
+    from deepmetric.config import loss_training_args
+
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad],
+               "weight_decay": config.optim.weight_decay}]
+    for comp, loss in zip((config.loss, *config.extra_losses), loss_set.losses):
+        params = [p for p in loss.parameters() if p.requires_grad]
+        if params:
+            lr = loss_training_args(comp)[1] or config.optim.loss_lr or config.optim.lr
+            groups.append({"params": params, "lr": lr, "weight_decay": 0.0})
+    return groups
+
+
+class _IndexView:
+    """Rows ``indices`` of a dataset, with the ``get_batch`` interface (used for per-rank shards)."""
+
+    def __init__(self, dataset: Any, indices: torch.Tensor) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def get_batch(self, idx: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.dataset.get_batch(self.indices[idx], **kwargs)
+
+
+def _embed_global(model: nn.Module, dataset: Any, config: Config, device: torch.device,
+                  desc: str, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Embed ``dataset``; under torch.distributed each rank embeds a contiguous shard and the
+    results are gathered once (in order) on every rank."""
+    from deepmetric import distributed as D
+
+    if not D.is_distributed():
+        return embed_dataset(model, dataset, batch_size=config.train.embed_batch_size, device=device,
+                             progress=progress, desc=desc)
+    start, end = D.shard_bounds(len(dataset), D.get_rank(), D.get_world_size())
+    view = _IndexView(dataset, torch.arange(start, end))
+    emb, labels = embed_dataset(model, view, batch_size=config.train.embed_batch_size, device=device, desc=desc)
+    emb_t = D.all_gather_no_grad(torch.as_tensor(emb).reshape(len(emb), -1).to(device))
+    lab_t = D.all_gather_no_grad(torch.as_tensor(labels).to(device))
+    return emb_t.cpu().numpy(), lab_t.cpu().numpy()
 
 
 def _build_sampler(config: Config, labels: torch.Tensor) -> Any:
@@ -135,13 +210,15 @@ class _EpochBatches(torch.utils.data.Dataset):
 
 
 def _evaluate(model: nn.Module, dataset: Any, config: Config, device: torch.device, desc: str) -> dict[str, float]:
+    from deepmetric import distributed as D
     from deepmetric.metrics import evaluate
 
-    emb, labels = embed_dataset(model, dataset, batch_size=config.train.embed_batch_size, device=device, desc=desc)
-    return evaluate(
-        emb, labels, ks=tuple(config.eval.ks), metric=config.eval.metric,
-        clustering=config.eval.clustering, seed=config.seed,
-    )
+    emb, labels = _embed_global(model, dataset, config, device, desc)
+    metrics = None
+    if D.get_rank() == 0:
+        metrics = evaluate(emb, labels, ks=tuple(config.eval.ks), metric=config.eval.metric,
+                           clustering=config.eval.clustering, seed=config.seed)
+    return D.broadcast_object(metrics)
 
 
 def _history_read(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
@@ -156,23 +233,31 @@ def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 class _Interrupt:
-    """Turns SIGTERM into KeyboardInterrupt so a killed run saves its position first."""
+    """Graceful stop on SIGINT/SIGTERM: the first signal sets :attr:`requested` and the training loop
+    saves its position at the next step boundary; a second signal interrupts at once."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.requested = False
+        self._log = log
+        self._old: dict[int, Any] = {}
 
     def __enter__(self) -> "_Interrupt":
-        self._old = None
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handler)
-        except ValueError:  # not in the main thread
-            self._old = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not in the main thread: leave the defaults
+                pass
         return self
 
-    @staticmethod
-    def _handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt(f"signal {signum}")
+        self.requested = True
+        self._log("\nstopping after the current step (interrupt again to stop at once)")
 
     def __exit__(self, *exc: Any) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu", which: str = "model") -> tuple[nn.Module, Config, dict[str, Any]]:
@@ -206,15 +291,45 @@ def fit(
     ``last.pt`` and ``best.pt`` (atomic), ``curves.png``, ``projection.png``, ``summary.json`` and
     ``summary.md``. With ``resume=True`` training continues from ``out_dir/last.pt``.
 
+    Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DistributedDataParallel (gloo on
+    CPU, nccl on CUDA), every global P×K batch is split into contiguous per-rank shards, the losses
+    see the all-gathered global batch (see :mod:`deepmetric.distributed`), and rank 0 alone writes
+    files and logs.
+
     Raises:
         ConfigError: bad configuration (checked before any work).
         DataError: missing or unusable data.
         NonFiniteError: NaN/inf loss or gradients (names epoch and step; the last checkpoint is kept).
     """
+    from deepmetric import distributed as D
     from deepmetric.data import load_splits
 
     validate_components(config)
-    out = Path(out_dir)
+    device = resolve_device(config.train.device)
+    dist_info = D.init_from_env(device.type)
+    owns_group = dist_info is not None
+    try:
+        if dist_info is not None and device.type == "cuda":
+            device = torch.device("cuda", dist_info.local_rank)
+            torch.cuda.set_device(device)
+        return _fit(config, Path(out_dir), device, resume, progress, log)
+    finally:
+        if owns_group and D.is_distributed():
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _fit(config: Config, out: Path, device: torch.device, resume: bool, progress: bool,
+         log: Callable[[str], None]) -> FitResult:
+    from deepmetric import distributed as D
+    from deepmetric.data import load_splits
+
+    rank, world = D.get_rank(), D.get_world_size()
+    is_main = rank == 0
+    if not is_main:
+        log = lambda s: None  # noqa: E731
+        progress = False
     last_path, best_path = out / "last.pt", out / "best.pt"
     ckpt: dict[str, Any] | None = None
     if resume:
@@ -226,9 +341,8 @@ def fit(
             log(f"resuming with the configuration stored in {last_path} (the one given differs)")
         config = config_from_dict(ckpt["config"])
 
-    threads = config.train.num_threads or os.cpu_count() or 1
+    threads = config.train.num_threads or max(1, (os.cpu_count() or 1) // world)
     torch.set_num_threads(threads)
-    device = resolve_device(config.train.device)
     use_amp = bool(config.train.amp and device.type == "cuda")
 
     data = config.data
@@ -241,9 +355,13 @@ def fit(
         raise DataError("the training set is empty")
     input_shape = tuple(train_set.input_shape)
     kind = getattr(train_set, "kind", "image")
-    model, loss_fn, miner = build_components(config, splits.num_train_classes, input_shape, kind)
+    model, loss_set, miner = build_components(config, splits.num_train_classes, input_shape, kind)
     model.to(device)
-    loss_fn.to(device)
+    loss_set.to(device)
+    net: nn.Module = model
+    if D.is_distributed():
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     sampler = _build_sampler(config, train_set.labels)
     steps_per_epoch = len(sampler)
     if config.train.max_steps_per_epoch:
@@ -251,11 +369,8 @@ def fit(
     if steps_per_epoch == 0:
         raise DataError("the sampler yields no batch: the training set is smaller than one batch")
 
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": config.optim.weight_decay}]
-    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
-    if loss_params:
-        groups.append({"params": loss_params, "lr": config.optim.loss_lr or config.optim.lr, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=config.optim.lr)
+    optimizer = torch.optim.AdamW(_param_groups(config, model, loss_set), lr=config.optim.lr)
+    loss_params = [p for p in loss_set.parameters() if p.requires_grad]
     total_steps = config.train.epochs * steps_per_epoch
     scheduler = warmup_cosine(
         optimizer, total_steps, int(round(config.optim.warmup_epochs * steps_per_epoch)), config.optim.min_lr_ratio
@@ -267,7 +382,7 @@ def fit(
     history: list[dict[str, Any]] = []
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        loss_fn.load_state_dict(ckpt["loss"])
+        loss_set.load_state_dict(ckpt["loss"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, start_step = int(ckpt["epoch"]), int(ckpt["step"])
@@ -276,26 +391,33 @@ def fit(
         history = _history_read(out / "metrics.jsonl", start_epoch)
         log(f"resumed from {last_path} at epoch {start_epoch + 1}, step {start_step}")
 
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.toml", dumps_toml(config_to_dict(config)))
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.toml", dumps_toml(config_to_dict(config)))
     meta = {"input_shape": list(input_shape), "kind": kind, "num_train_classes": splits.num_train_classes,
-            "info": _plain(splits.info)}
+            "mean": _plain(getattr(train_set, "mean", None)), "std": _plain(getattr(train_set, "std", None)),
+            "info": _plain(splits.info), "world_size": world}
 
     def checkpoint(epoch: int, step: int, path: Path = last_path) -> None:
+        if not is_main:
+            return
         save_checkpoint(path, {
             "config": config_to_dict(config), "data": meta, "model": model.state_dict(),
-            "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "loss": loss_set.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "epoch": epoch, "step": step, "best_value": best_value, "best_epoch": best_epoch,
             "running": dict(running),
         })
 
     select = config.eval.select
-    model.train()
-    loss_fn.train()
-    with _Interrupt():
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    net.train()
+    loss_set.train()
+    with _Interrupt(log) as interrupt:
         for epoch in range(start_epoch, config.train.epochs):
             sampler.set_epoch(epoch)
             batches = [list(b) for b in sampler][:steps_per_epoch]
+            if world > 1:
+                batches = [b[slice(*D.shard_bounds(len(b), rank, world))] for b in batches]
             first = start_step if epoch == start_epoch else 0
             if first == 0:
                 running = {"loss_sum": 0.0, "count": 0, "images": 0, "seconds": 0.0}
@@ -306,24 +428,27 @@ def fit(
             bar = tqdm(total=len(batches), initial=first, desc=f"epoch {epoch + 1}/{config.train.epochs}",
                        unit="batch", disable=not progress, dynamic_ncols=True)
             step = first
+            updated, buffers = True, []
             try:
                 t0 = time.perf_counter()
                 for x, y in loader:
+                    # Buffers (BatchNorm statistics) change in the forward pass: keep a copy so that an
+                    # interrupt inside this step can save the state of the step boundary.
+                    buffers = [b.detach().clone() for b in model.buffers()]
+                    updated = False
                     torch.manual_seed(step_seed(config.seed, epoch, step))
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                        emb = model(x)
-                    emb = emb.float()
+                        emb = net(x)
+                    emb = D.all_gather_with_grad(emb.float())
+                    y = D.all_gather_no_grad(y)
                     where = f"epoch {epoch + 1}, step {step + 1} of {len(batches)}"
                     if not bool(torch.isfinite(emb).all()):
                         raise NonFiniteError(
                             f"non-finite embeddings at {where}; the last good checkpoint is {last_path}. "
                             "Lower optim.lr or check the input data for NaNs."
                         )
-                    if miner is not None:
-                        loss = loss_fn(emb, y, indices=miner(emb, y))
-                    else:
-                        loss = loss_fn(emb, y)
+                    loss = loss_set(emb, y, miner)
                     if not bool(torch.isfinite(loss)):
                         raise NonFiniteError(
                             f"non-finite loss ({loss.item()}) at {where}; the last good checkpoint is {last_path}. "
@@ -335,7 +460,7 @@ def fit(
                         scaler.unscale_(optimizer)
                     else:
                         loss.backward()
-                    params = [p for g in optimizer.param_groups for p in g["params"]]
+                    D.average_gradients(loss_params)
                     norm = torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip or math.inf)
                     if not bool(torch.isfinite(norm)):
                         raise NonFiniteError(
@@ -349,6 +474,7 @@ def fit(
                         optimizer.step()
                     scheduler.step()
                     step += 1
+                    updated = True
                     t1 = time.perf_counter()
                     running["loss_sum"] += float(loss.detach())
                     running["count"] += 1
@@ -360,8 +486,20 @@ def fit(
                     bar.update(1)
                     if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < len(batches):
                         checkpoint(epoch, step)
+                    stop = interrupt.requested
+                    if D.is_distributed():
+                        flag = torch.tensor([float(stop)], device=device)
+                        import torch.distributed as dist
+
+                        dist.all_reduce(flag)
+                        stop = bool(flag.item() > 0)
+                    if stop:
+                        raise KeyboardInterrupt("stop requested")
             except KeyboardInterrupt:
                 bar.close()
+                if not updated:
+                    for b, saved in zip(model.buffers(), buffers):
+                        b.copy_(saved)
                 checkpoint(epoch, step)
                 log(f"\ninterrupted: position saved to {last_path} (epoch {epoch + 1}, step {step}); "
                     f"continue with: deepmetric train --resume --out {out}")
@@ -370,7 +508,7 @@ def fit(
 
             val_set = splits.val if splits.val is not None and len(splits.val) > 0 else None
             val = _evaluate(model, val_set, config, device, "validate") if val_set is not None else {}
-            model.train()
+            net.train()
             row = {
                 "epoch": epoch + 1, "steps": len(batches),
                 "train_loss": running["loss_sum"] / max(1, running["count"]),
@@ -379,21 +517,26 @@ def fit(
                 "epoch_seconds": running["seconds"], "val": val,
             }
             history.append(row)
-            _write_history(out / "metrics.jsonl", history)
             value = val.get(select, -row["train_loss"]) if val else -row["train_loss"]
             improved = value > best_value
             if improved:
                 best_value, best_epoch = value, epoch + 1
+            if is_main:
+                _write_history(out / "metrics.jsonl", history)
             checkpoint(epoch + 1, 0)
             if improved:
                 checkpoint(epoch + 1, 0, best_path)
             vtxt = "  ".join(f"{k}={val[k]:.4f}" for k in ("recall@1", "map@r") if k in val)
             log(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}  {row['images_per_s']:.0f} img/s  "
                 f"val {vtxt}{'  (best)' if improved else ''}")
-            if config.train.plots:
+            if config.train.plots and is_main:
                 from deepmetric.train.plots import plot_curves
 
                 plot_curves(history, out / "curves.png", select=select)
+            if D.is_distributed():
+                import torch.distributed as dist
+
+                dist.barrier()
 
     return _finish(config, out, model, splits, device, history, best_epoch, meta, log, progress)
 
@@ -431,39 +574,50 @@ def summary_markdown(summary: dict[str, dict[str, float]], title: str) -> str:
 def _finish(config: Config, out: Path, model: nn.Module, splits: Any, device: torch.device,
             history: list[dict[str, Any]], best_epoch: int, meta: dict[str, Any],
             log: Callable[[str], None], progress: bool) -> FitResult:
+    """Test-set evaluation of the best checkpoint beside the raw-input and untrained baselines."""
+    from deepmetric import distributed as D
     from deepmetric.metrics import evaluate
 
     test_set = splits.test
+    is_main = D.get_rank() == 0
     ev = dict(ks=tuple(config.eval.ks), metric=config.eval.metric, clustering=config.eval.clustering, seed=config.seed)
-    summary: dict[str, dict[str, float]] = {}
-    if config.train.baselines:
-        raw, raw_labels = raw_features(test_set)
-        summary["raw inputs (L2-normalised)"] = evaluate(raw, raw_labels, **ev)
-        untrained, _, _ = build_components(config, splits.num_train_classes, tuple(meta["input_shape"]), meta["kind"])
-        untrained.to(device)
-        emb, lab = embed_dataset(untrained, test_set, batch_size=config.train.embed_batch_size, device=device)
-        summary["untrained network"] = evaluate(emb, lab, **ev)
     best_path = out / "best.pt"
+    if D.is_distributed():
+        import torch.distributed as dist
+
+        dist.barrier()  # best.pt is complete before any rank reads it
     if best_path.is_file() and best_epoch > 0:
         model.load_state_dict(load_checkpoint(best_path)["model"])
-    emb, lab = embed_dataset(model, test_set, batch_size=config.train.embed_batch_size, device=device,
-                             progress=progress, desc="test")
-    test = evaluate(emb, lab, **ev)
-    summary[f"trained ({config.loss.name}, best epoch {best_epoch})"] = test
-    title = (f"{splits.info.get('name', config.data.name)} {config.data.protocol} — test split, "
-             f"{len(test_set)} images, leave-one-out retrieval")
-    md = summary_markdown(summary, title)
-    atomic_write_text(out / "summary.md", md)
-    atomic_write_text(out / "summary.json", json.dumps({"title": title, "best_epoch": best_epoch,
-                                                         "rows": _plain(summary)}, indent=2))
-    if config.train.plots:
-        from deepmetric.train.plots import plot_projection
+    emb, lab = _embed_global(model, test_set, config, device, "test", progress)
+    summary: dict[str, dict[str, float]] = {}
+    test: dict[str, float] = {}
+    if is_main:
+        if config.train.baselines:
+            raw, raw_labels = raw_features(test_set)
+            summary["raw inputs (L2-normalised)"] = evaluate(raw, raw_labels, **ev)
+            untrained, _, _ = build_components(config, splits.num_train_classes, tuple(meta["input_shape"]),
+                                               meta["kind"])
+            u_emb, u_lab = embed_dataset(untrained.to(device), test_set, batch_size=config.train.embed_batch_size,
+                                         device=device)
+            summary["untrained network"] = evaluate(u_emb, u_lab, **ev)
+        test = evaluate(emb, lab, **ev)
+        losses = "+".join([config.loss.name, *(c.name for c in config.extra_losses)])
+        summary[f"trained ({losses}, best epoch {best_epoch})"] = test
+        title = (f"{splits.info.get('name', config.data.name)} {config.data.protocol} — test split, "
+                 f"{len(test_set)} items, leave-one-out retrieval")
+        md = summary_markdown(summary, title)
+        atomic_write_text(out / "summary.md", md)
+        atomic_write_text(out / "summary.json", json.dumps({"title": title, "best_epoch": best_epoch,
+                                                             "rows": _plain(summary)}, indent=2))
+        if config.train.plots:
+            from deepmetric.train.plots import plot_projection
 
-        plot_projection(emb, lab, out / "projection.png", seed=config.seed,
-                        title=f"Test embeddings ({config.loss.name})",
-                        class_names=splits.info.get("class_names"))
-    log("\n" + md)
-    log(f"run directory: {out}  (config.toml, metrics.jsonl, best.pt, last.pt, curves.png, projection.png, summary.md)")
+            plot_projection(emb, lab, out / "projection.png", seed=config.seed,
+                            title=f"Test embeddings ({losses})", class_names=getattr(test_set, "class_names", None))
+        log("\n" + md)
+        log(f"run directory: {out}  (config.toml, metrics.jsonl, best.pt, last.pt, curves.png, projection.png, "
+            "summary.md)")
+    test = D.broadcast_object(test)
     return FitResult(out_dir=out, history=history, test=test, summary=summary, best_epoch=best_epoch)
 
 
