@@ -1,0 +1,149 @@
+"""Distance-weighted negative sampling (Wu et al., "Sampling Matters", 2017)."""
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deepmetric.distances import euclidean
+from deepmetric.errors import ConfigError
+from deepmetric.miners._common import SeededRNG, check_cap, masks, prepare, random_cap
+from deepmetric.registry import MINERS
+from deepmetric.tuples import Triplets
+
+__all__ = ["DistanceWeightedMiner", "distance_weighted_log_weights", "distance_weighted_probabilities"]
+
+
+def distance_weighted_log_weights(dist: Tensor, dim: int, cutoff: float = 0.5) -> Tensor:
+    """Unnormalised log sampling weight $$\\log q(d)^{-1}$$ of unit-sphere distances ``dist`` in ``dim`` dimensions.
+
+    $$ \\log q(d)^{-1} = (2 - n)\\log d - \\tfrac{n - 3}{2}\\log\\bigl(1 - d^2/4\\bigr), \\quad d \\leftarrow \\max(d, \\text{cutoff}) $$
+
+    ``1 - d²/4`` is clamped at a tiny positive value so antipodal points give a large finite weight.
+    """
+    d = dist.clamp_min(cutoff)
+    tiny = torch.finfo(d.dtype).tiny
+    return (2.0 - dim) * torch.log(d) - ((dim - 3.0) / 2.0) * torch.log((1.0 - 0.25 * d * d).clamp_min(tiny))
+
+
+def distance_weighted_probabilities(
+    dist: Tensor, neg_mask: Tensor, dim: int, cutoff: float = 0.5, nonzero_loss_cutoff: float = 1.4
+) -> Tensor:
+    """``(B, R)`` per-anchor sampling probabilities of the negatives (rows sum to 1, or 0 without negatives).
+
+    Negatives at distance ≥ ``nonzero_loss_cutoff`` get probability 0; a row where that leaves no
+    negative falls back to uniform over its negatives. Normalised in log space (row-wise max).
+    """
+    log_w = distance_weighted_log_weights(dist, dim, cutoff)
+    valid = neg_mask & (dist < nonzero_loss_cutoff)
+    log_w = log_w.masked_fill(~valid, float("-inf"))
+    row_max = log_w.amax(1, keepdim=True)
+    has_valid = torch.isfinite(row_max)
+    w = torch.exp(log_w - torch.where(has_valid, row_max, torch.zeros_like(row_max)))
+    w = torch.where(has_valid, w, neg_mask.to(w.dtype))
+    total = w.sum(1, keepdim=True)
+    return w / total.clamp_min(torch.finfo(w.dtype).tiny)
+
+
+@MINERS.register("distance_weighted")
+class DistanceWeightedMiner(nn.Module):
+    """Distance-weighted sampling: one negative per positive pair, drawn with probability ∝ 1/q(d).
+
+    On the unit sphere in $$\\mathbb{R}^n$$ pairwise distances of random points follow
+    $$ q(d) \\propto d^{\\,n-2}\\,\\bigl[1 - \\tfrac{1}{4}d^2\\bigr]^{\\frac{n-3}{2}} $$
+    so the paper samples a negative of anchor a with
+
+    $$ \\Pr(n \\mid a) \\propto \\min\\bigl(\\lambda, q(d_{an})^{-1}\\bigr)\\,[d_{an} < \\tau] $$
+
+    which spreads the sampled negatives over all distances instead of concentrating them where
+    random points lie (around √2). Here the variance-limiting clip is applied, as in the authors'
+    code, by clamping distances below ``cutoff`` (0.5), and negatives at or beyond
+    ``nonzero_loss_cutoff`` τ (1.4, where the margin loss is already zero) get weight 0; an anchor
+    with no negative left samples uniformly among its negatives (the authors' fallback, restricted to
+    negatives). Weights are computed in log space and normalised per anchor.
+
+    Following the authors' code, every positive pair (a, p) of the batch gets one negative drawn
+    independently (with replacement) from a's distribution, so the output is one triplet per positive
+    pair (at most ``tuples_per_anchor`` per anchor, a uniform random subset of the positives).
+    Embeddings are L2-normalised inside the miner (the analysis assumes the unit sphere); n is the
+    embedding dimension.
+
+    Reference:
+        Wu, Manmatha, Smola & Krähenbühl, "Sampling Matters in Deep Embedding Learning", ICCV 2017
+        (§4, eq. 3 and the distance-weighted sampling rule).
+
+    Args:
+        cutoff: distances below this are clamped before weighting (paper/code: 0.5).
+        nonzero_loss_cutoff: negatives at least this far away are never sampled (paper/code: 1.4).
+        tuples_per_anchor: at most this many triplets (positives) per anchor; ``None``: all positives.
+        seed: seed of the sampling (``None``: the global torch RNG).
+
+    Shape:
+        Input ``embeddings (B, D)``, ``labels (B,)``, optional ``ref_embeddings (R, D)``,
+        ``ref_labels (R,)``. Output: triplets ``(a, p, n)``, one per kept positive pair.
+
+    Requirements:
+        ≥ 2 samples per class (or positives in the reference set), at least two classes, D ≥ 2.
+        Pair with a margin loss on normalised embeddings (e.g. :class:`MarginLoss`).
+
+    Example:
+        >>> miner = DistanceWeightedMiner(seed=0)
+        >>> a, p, n = miner(torch.randn(8, 16), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+        >>> len(a)  # one negative per positive pair
+        8
+    """
+
+    output_kind: ClassVar[str] = "triplets"
+
+    def __init__(
+        self,
+        cutoff: float = 0.5,
+        nonzero_loss_cutoff: float = 1.4,
+        tuples_per_anchor: int | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not (0.0 <= cutoff < nonzero_loss_cutoff) or math.isnan(nonzero_loss_cutoff):
+            raise ConfigError(
+                f"need 0 <= cutoff < nonzero_loss_cutoff; got cutoff={cutoff}, nonzero_loss_cutoff={nonzero_loss_cutoff}"
+            )
+        self.cutoff = float(cutoff)
+        self.nonzero_loss_cutoff = float(nonzero_loss_cutoff)
+        self.tuples_per_anchor = check_cap(tuples_per_anchor)
+        self.rng = SeededRNG(seed)
+
+    def extra_repr(self) -> str:
+        return (
+            f"cutoff={self.cutoff}, nonzero_loss_cutoff={self.nonzero_loss_cutoff}, "
+            f"tuples_per_anchor={self.tuples_per_anchor}, seed={self.rng.seed}"
+        )
+
+    @torch.no_grad()
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        ref_embeddings: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+    ) -> Triplets:
+        labels, ref_embeddings, ref_labels, same_set = prepare(embeddings, labels, ref_embeddings, ref_labels)
+        generator = self.rng.get(embeddings.device)
+        x = F.normalize(embeddings.float() if embeddings.dtype in (torch.float16, torch.bfloat16) else embeddings, dim=1)
+        y = None if same_set else F.normalize(ref_embeddings.to(x.dtype), dim=1)
+        dist = euclidean(x, y)
+        pos, neg = masks(labels, ref_labels, same_set)
+        pos &= neg.any(1, keepdim=True)  # an anchor without negatives yields nothing
+        a, p = pos.nonzero(as_tuple=True)
+        keep = random_cap(a, self.tuples_per_anchor, generator)
+        a, p = a[keep], p[keep]
+        if a.numel() == 0:
+            return a, p, a.clone()
+        probs = distance_weighted_probabilities(dist, neg, embeddings.shape[1], self.cutoff, self.nonzero_loss_cutoff)
+        rows, row_of_pair, per_row = torch.unique_consecutive(a, return_inverse=True, return_counts=True)
+        draws = torch.multinomial(probs[rows], int(per_row.max()), replacement=True, generator=generator)
+        rank = torch.arange(a.numel(), device=a.device) - (torch.cumsum(per_row, 0) - per_row)[row_of_pair]
+        n = draws[row_of_pair, rank]
+        return a, p, n

@@ -1,0 +1,84 @@
+"""Batch-hard mining: per anchor the farthest positive and the closest negative."""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from deepmetric.distances import get_distance
+from deepmetric.miners._common import masks, prepare
+from deepmetric.registry import MINERS
+from deepmetric.tuples import Triplets
+
+__all__ = ["HardMiner", "batch_hard"]
+
+
+def batch_hard(dist: Tensor, pos_mask: Tensor, neg_mask: Tensor) -> Triplets:
+    """One triplet per anchor: ``p = argmax_{p ∈ P(a)} d(a, p)``, ``n = argmin_{n ∈ N(a)} d(a, n)``.
+
+    Anchors without a positive or a negative are dropped. Ties go to the lowest index.
+    """
+    p = dist.masked_fill(~pos_mask, float("-inf")).argmax(1)
+    n = dist.masked_fill(~neg_mask, float("inf")).argmin(1)
+    a = (pos_mask.any(1) & neg_mask.any(1)).nonzero(as_tuple=True)[0]
+    return a, p[a], n[a]
+
+
+@MINERS.register("hard")
+class HardMiner(nn.Module):
+    """Batch-hard triplets: for each anchor its hardest (farthest) positive and hardest (closest) negative.
+
+    $$ p^*(a) = \\arg\\max_{p:\\,y_p = y_a,\\,p \\ne a} d(a, p), \\qquad
+       n^*(a) = \\arg\\min_{n:\\,y_n \\ne y_a} d(a, n) $$
+
+    Exactly one triplet ``(a, p*, n*)`` per anchor that has a positive and a negative, so the output
+    has at most B triplets; memory is one ``(B, R)`` distance matrix. With a P×K batch this is the
+    "batch hard" variant that Hermans et al. found best; pair it with a triplet loss (hinge or
+    soft-margin). Unlike the other miners it has no ``tuples_per_anchor`` option: it always returns
+    one triplet per anchor.
+
+    Reference:
+        Hermans, Beyer & Leibe, "In Defense of the Triplet Loss for Person Re-Identification",
+        arXiv:1703.07737, 2017 (§2, "Batch Hard").
+
+    Args:
+        distance: ``"euclidean"`` (as in the paper), ``"squared_euclidean"`` or ``"cosine"``.
+
+    Shape:
+        Input ``embeddings (B, D)``, ``labels (B,)``, optional ``ref_embeddings (R, D)``,
+        ``ref_labels (R,)``. Output: triplets ``(a, p, n)`` with at most B entries.
+
+    Requirements:
+        An anchor needs at least one positive (≥ 2 samples of its class in the batch, or one in the
+        reference set) and one negative; P×K sampling with K ≥ 2 gives every anchor both.
+
+    Example:
+        >>> x = torch.tensor([[0.0], [1.0], [3.0], [0.6], [4.0]])
+        >>> a, p, n = HardMiner()(x, torch.tensor([0, 0, 0, 1, 1]))
+        >>> a.tolist(), p.tolist(), n.tolist()
+        ([0, 1, 2, 3, 4], [2, 2, 0, 4, 3], [3, 3, 4, 1, 2])
+    """
+
+    output_kind: ClassVar[str] = "triplets"
+
+    def __init__(self, distance: str = "euclidean") -> None:
+        super().__init__()
+        self.distance = distance
+        self._distance = get_distance(distance)
+
+    def extra_repr(self) -> str:
+        return f"distance={self.distance!r}"
+
+    @torch.no_grad()
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        ref_embeddings: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+    ) -> Triplets:
+        labels, ref_embeddings, ref_labels, same_set = prepare(embeddings, labels, ref_embeddings, ref_labels)
+        dist = self._distance(embeddings, None if same_set else ref_embeddings)
+        pos, neg = masks(labels, ref_labels, same_set)
+        return batch_hard(dist, pos, neg)
