@@ -43,7 +43,7 @@ def test_type_errors() -> None:
 
 def test_component_kwargs_merge_and_switch() -> None:
     c = config_from_dict({"sampler": {"batch_size": 64}})
-    assert dict(c.sampler.args) == {"m": 4, "batch_size": 64}
+    assert dict(c.sampler.args) == {"m": 32, "batch_size": 64}
     raw = apply_overrides({}, ['loss.name="contrastive"', "loss.margin=0.5", 'miner.name="none"'])
     c = config_from_dict(raw)
     assert c.loss.name == "contrastive" and dict(c.loss.args) == {"margin": 0.5}

@@ -160,12 +160,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["losses", "miners", "samplers", "models", "datasets", "distances"])
     p.set_defaults(func=cmd_list)
 
+    import importlib
+
+    for module in _EXTENSION_MODULES:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:  # an optional part whose dependencies are not installed
+            if exc.name == module or (exc.name and exc.name.split(".")[0] in ("fastapi", "uvicorn", "multipart")):
+                continue
+            raise
+        mod.register_commands(sub)
     for register in _EXTENSIONS:
         register(sub)
     return parser
 
 
-# Other modules add sub-commands (verify, index, search, serve) by appending a register function here.
+# Modules whose ``register_commands(subparsers)`` adds sub-commands (index, search, serve, verify, ...).
+_EXTENSION_MODULES = ("deepmetric.index.cli", "deepmetric.serve.cli", "deepmetric.verification.cli")
+# Further register functions (tests and plug-ins may append).
 _EXTENSIONS: list[Callable[[Any], None]] = []
 
 

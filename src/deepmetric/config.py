@@ -22,7 +22,7 @@ A configuration file has one table per section; every key is optional (defaults 
 
     [sampler]
     name = "m_per_class"
-    m = 4
+    m = 32                        # samples per class in a batch (P = batch_size // m classes)
     batch_size = 128
 
 Unknown keys anywhere are an error (:class:`~deepmetric.errors.ConfigError`, exit code 2 on the command
@@ -126,7 +126,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: Component = field(default_factory=lambda: Component("multi_similarity", {}))
     miner: Component | None = field(default_factory=lambda: Component("multi_similarity", {}))
-    sampler: Component = field(default_factory=lambda: Component("m_per_class", {"m": 4, "batch_size": 128}))
+    sampler: Component = field(default_factory=lambda: Component("m_per_class", {"m": 32, "batch_size": 128}))
     extra_losses: tuple[Component, ...] = ()
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
