@@ -67,9 +67,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _cli(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
     import deepmetric.cli as cli
-    from deepmetric.index.cli import register_commands
 
-    monkeypatch.setattr(cli, "_EXTENSIONS", [register_commands])
     return cli.main(argv)
 
 

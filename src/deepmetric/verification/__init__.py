@@ -5,6 +5,11 @@ The evaluation half of a verification workflow: embed both images of each pair, 
 fixed FARs, the best accuracy and the LFW 10-fold accuracy. Pairs come from LFW's ``pairs.txt``
 (:func:`load_lfw_pairs`), a CSV (:func:`load_pairs_csv`) or labelled data
 (:func:`make_pairs_from_labels`).
+
+The deployment half (:mod:`deepmetric.verification.workflow`): :func:`calibrate` a threshold for a
+target FAR on validation pairs and save it beside the checkpoint, :func:`verify` a checkpoint on pairs
+(report, ROC and score-histogram plots), and :func:`fit_pairs` (siamese training from a same/different
+pairs file, :mod:`deepmetric.verification.pairs_training`).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from deepmetric.verification.metrics import (
     roc_curve,
     tar_at_far,
 )
+from deepmetric.verification.pairs_training import fit_pairs
 from deepmetric.verification.plots import plot_roc, plot_score_histograms
 from deepmetric.verification.protocol import (
     contiguous_folds,
@@ -34,9 +40,32 @@ from deepmetric.verification.protocol import (
     scores_report,
     verification_report,
 )
+from deepmetric.verification.workflow import (
+    LoadedPairs,
+    Verifier,
+    calibrate,
+    checkpoint_sha256,
+    demo_pairs,
+    embed_pairs,
+    load_pairs,
+    load_threshold,
+    threshold_path,
+    verify,
+)
 
 __all__ = [
+    "LoadedPairs",
     "PairSet",
+    "Verifier",
+    "calibrate",
+    "checkpoint_sha256",
+    "demo_pairs",
+    "embed_pairs",
+    "fit_pairs",
+    "load_pairs",
+    "load_threshold",
+    "threshold_path",
+    "verify",
     "best_threshold_accuracy",
     "calibrate_threshold",
     "contiguous_folds",
