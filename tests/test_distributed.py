@@ -57,7 +57,7 @@ def test_uneven_shards_and_a_rank_without_some_classes(tmp_path: Path) -> None:
 
 
 DIST_TINY = [
-    'data.name="digits"', "train.epochs=2", "train.max_steps_per_epoch=4", "sampler.batch_size=32",
+    'data.name="digits"', "train.epochs=2", "train.max_steps_per_epoch=4", "sampler.batch_size=32", "sampler.m=4",
     'model.name="mlp"', "model.embedding_dim=16", "model.batch_norm=false", "train.plots=false",
     "train.baselines=false", "eval.clustering=false", 'miner.name="_dist_stop_after"',
 ]

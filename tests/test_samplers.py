@@ -23,13 +23,13 @@ FAST = settings(max_examples=60, deadline=None)
 def pk_cases(draw: st.DrawFn, min_count: int | None = None) -> tuple[list[int], int, int]:
     """Arbitrary label multisets (shuffled, non-contiguous ids) with valid m and batch_size."""
     m = draw(st.integers(1, 4))
-    num_classes = draw(st.integers(1, 9))
+    num_classes = draw(st.integers(2, 9))
     low = m if min_count is None else min_count
     counts = draw(st.lists(st.integers(low, 13), min_size=num_classes, max_size=num_classes))
     ids = draw(st.lists(st.integers(-50, 1000), min_size=num_classes, max_size=num_classes, unique=True))
     labels = [label for label, count in zip(ids, counts) for _ in range(count)]
     labels = draw(st.permutations(labels))
-    classes_per_batch = draw(st.integers(1, num_classes))
+    classes_per_batch = draw(st.integers(2, num_classes))  # a single-class batch is refused
     return list(labels), m, classes_per_batch * m
 
 
@@ -177,7 +177,7 @@ def test_m_per_class_errors() -> None:
 def test_m_per_class_error_lists_at_most_ten_classes() -> None:
     labels = list(range(15)) + [99] * 4
     with pytest.raises(DataError, match="15 class.*and 5 more"):
-        MPerClassSampler(labels, m=2, batch_size=2)
+        MPerClassSampler(labels, m=2, batch_size=4)
 
 
 @FAST
@@ -231,3 +231,8 @@ def test_registry_builds_both_and_rejects_unknown_kwargs() -> None:
     assert isinstance(SAMPLERS.build("random", 8, batch_size=4), RandomBatchSampler)
     with pytest.raises(ConfigError, match="valid arguments.*allow_repeats"):
         samplers.build("m_per_class", [0, 0, 1, 1], m=2, batch_size=4, shuffle=True)
+
+
+def test_single_class_batches_are_refused() -> None:
+    with pytest.raises(ConfigError, match="single class"):
+        MPerClassSampler([0, 0, 1, 1], m=2, batch_size=2)

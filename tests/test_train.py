@@ -20,7 +20,7 @@ from deepmetric.registry import LOSSES, MINERS
 from deepmetric.train import fit, load_checkpoint
 
 TINY = [
-    'data.name="digits"', "train.epochs=2", "train.max_steps_per_epoch=6", "sampler.batch_size=32",
+    'data.name="digits"', "train.epochs=2", "train.max_steps_per_epoch=6", "sampler.batch_size=32", "sampler.m=4",
     'model.name="mlp"', "model.embedding_dim=16", "train.plots=false", "train.baselines=false",
     "train.num_threads=1", "eval.clustering=false",
 ]

@@ -28,7 +28,7 @@ from deepmetric.verification.metrics import roc_auc
 REPO = Path(__file__).resolve().parent.parent
 NUM_IMAGES = 120
 TINY = [
-    'data.name="digits"', "train.epochs=1", "train.max_steps_per_epoch=5", "sampler.batch_size=32",
+    'data.name="digits"', "train.epochs=1", "train.max_steps_per_epoch=5", "sampler.batch_size=32", "sampler.m=4",
     'model.name="mlp"', "model.embedding_dim=16", "train.plots=false", "train.baselines=false",
     "train.num_threads=1", "eval.clustering=false", 'loss.name="softmax"', 'miner.name="none"',
 ]

@@ -105,6 +105,11 @@ class MPerClassSampler(Sampler[list[int]]):
                 f"{self.batch_size + self.m - self.batch_size % self.m}"
             )
         self.classes_per_batch = self.batch_size // self.m
+        if self.classes_per_batch < 2:
+            raise ConfigError(
+                f"batch_size {self.batch_size} with m={self.m} gives batches of a single class: there would be "
+                f"no negative pairs. Use batch_size >= {2 * self.m} or a smaller m"
+            )
         array = as_label_array(labels)
         self.classes, inverse = np.unique(array, return_inverse=True)
         inverse = inverse.reshape(-1)
