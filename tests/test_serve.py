@@ -325,3 +325,13 @@ def test_page_in_headless_chromium(server: str, served: dict[str, Path], tmp_pat
     finally:
         driver.quit()
         shutil.rmtree(tmp_path / "chrome-profile", ignore_errors=True)
+
+
+def test_openapi_docs_page_is_served_offline(client: object) -> None:
+    """/docs uses the swagger-ui files of the installed swagger-ui-bundle package, not a CDN."""
+    pytest.importorskip("swagger_ui_bundle")
+    page = client.get("/docs")
+    assert page.status_code == 200 and "/_swagger/swagger-ui-bundle.js" in page.text
+    assert "cdn.jsdelivr" not in page.text
+    assert client.get("/_swagger/swagger-ui-bundle.js").status_code == 200
+    assert client.get("/openapi.json").json()["paths"]["/search"]

@@ -296,7 +296,9 @@ def create_app(
         _log.warning("image search disabled: %s", exc)
     service = _Service(index, encoder, encoder_error, max_upload_bytes, max_k)
 
+    local_docs = _swagger_assets()
     app = FastAPI(
+        docs_url=None if local_docs else "/docs",
         title="deepmetric search",
         version=__version__,
         description=(f"Nearest-neighbour search over {len(index)} items ({index.metric} distance, smaller = "
@@ -429,4 +431,27 @@ def create_app(
         return await run_in_threadpool(service.search, query, k, info, None)
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    if local_docs:
+        # Swagger UI from the installed swagger-ui-bundle package: /docs works offline (no CDN).
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        app.mount("/_swagger", StaticFiles(directory=local_docs), name="swagger")
+
+        @app.get("/docs", include_in_schema=False)
+        async def _docs() -> Any:
+            return get_swagger_ui_html(
+                openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} — API",
+                swagger_js_url="/_swagger/swagger-ui-bundle.js", swagger_css_url="/_swagger/swagger-ui.css",
+                swagger_favicon_url="/_swagger/favicon-32x32.png",
+            )
     return app
+
+
+def _swagger_assets() -> str | None:
+    """Folder of the swagger-ui files shipped by ``swagger-ui-bundle``, or None when it is absent."""
+    try:
+        import swagger_ui_bundle
+    except ImportError:
+        return None
+    path = Path(swagger_ui_bundle.swagger_ui_path)
+    return str(path) if (path / "swagger-ui-bundle.js").is_file() else None
