@@ -168,13 +168,7 @@ def _corrupt(kind: str, good: bytes) -> bytes:
     return b"this is not a checkpoint"
 
 
-@pytest.mark.parametrize("kind", [
-    "truncated", "empty", "random",
-    # torch's weights-only unpickler raises IndexError ("pop from empty list") on this text and
-    # train/checkpoint.py:load_checkpoint does not catch it: the CLI dies with a traceback.
-    pytest.param("text", marks=pytest.mark.xfail(strict=True, raises=IndexError,
-                                                 reason="load_checkpoint lets IndexError escape")),
-])
+@pytest.mark.parametrize("kind", ["truncated", "empty", "random", "text"])
 def test_corrupt_checkpoint_exits_1_with_a_clear_message(kind: str, run_dir: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.pt"

@@ -87,3 +87,7 @@ def test_validate_components_rejects_unknown_names_and_kwargs() -> None:
     with pytest.raises(ConfigError, match="data.protocol"):
         validate_components(config_from_dict({"data": {"protocol": "open"}}))
     validate_components(Config())
+    # an optional num_classes (the margin loss's per-class beta) may be set; a required one is the trainer's
+    validate_components(config_from_dict({"loss": {"name": "margin", "num_classes": 5}, "miner": "none"}))
+    with pytest.raises(ConfigError, match="unknown argument.*'num_classes'"):
+        validate_components(config_from_dict({"loss": {"name": "proxy_anchor", "num_classes": 5}, "miner": "none"}))

@@ -169,6 +169,10 @@ def test_bad_inputs_give_clear_errors(tmp_path: Path) -> None:
         fit(tiny('loss.name="proxy_anchor"'), tmp_path / "p", progress=False)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="needs continuous labels"):
+        fit(tiny('loss.name="log_ratio"', 'miner.name="none"'), tmp_path / "l", progress=False)
+    with pytest.raises(ConfigError, match="eval.select 'map@10' is not a computed metric"):
+        fit(tiny("eval.select=\"map@10\""), tmp_path / "s", progress=False)
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_checkpoint(bad)
     foreign = tmp_path / "foreign.pt"

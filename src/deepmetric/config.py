@@ -373,10 +373,12 @@ def validate_components(config: Config) -> None:
     import deepmetric.samplers  # noqa: F401
     from deepmetric.registry import LOSSES, MINERS, MODELS, SAMPLERS
 
-    injected_loss = ("num_classes", "embedding_dim")
     for comp in (config.loss, *config.extra_losses):
         LOSSES.get(comp.name)
-        LOSSES.check_kwargs(comp.name, loss_constructor_args(comp), positional=injected_loss)
+        params = LOSSES.parameters(comp.name)
+        injected = tuple(n for n in ("num_classes", "embedding_dim")
+                         if n in params and params[n].default is params[n].empty)
+        LOSSES.check_kwargs(comp.name, loss_constructor_args(comp), positional=injected)
         loss_training_args(comp)
     if config.miner is not None:
         MINERS.get(config.miner.name)
@@ -391,3 +393,9 @@ def validate_components(config: Config) -> None:
         raise ConfigError(f"train.epochs must be >= 1, got {config.train.epochs}")
     if config.eval.metric not in ("euclidean", "cosine"):
         raise ConfigError(f"eval.metric must be 'euclidean' or 'cosine', got {config.eval.metric!r}")
+    selectable = [f"recall@{k}" for k in config.eval.ks] + ["precision@1", "r_precision", "map@r"]
+    if config.eval.clustering:
+        selectable += ["nmi", "ami"]
+    if config.eval.select not in selectable:
+        raise ConfigError(f"eval.select {config.eval.select!r} is not a computed metric; choose one of: "
+                          f"{', '.join(selectable)}")

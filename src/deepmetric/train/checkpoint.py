@@ -5,8 +5,6 @@ else is refused with :class:`~deepmetric.errors.CheckpointError`.
 """
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +36,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint not found: {p}")
     try:
         data = torch.load(p, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"{p} is not a readable checkpoint (corrupt or truncated?): {exc}") from exc
+    except Exception as exc:  # torch.load raises many types on bad bytes (IndexError, RuntimeError, ...)
+        raise CheckpointError(
+            f"{p} is not a readable checkpoint (corrupt or truncated?): {type(exc).__name__}: {exc}"
+        ) from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(
             f"{p} is not a deepmetric checkpoint (no 'format: {FORMAT}' tag); "

@@ -71,6 +71,16 @@ def _accepts(obj: Any, name: str) -> bool:
         return False
 
 
+def _requires(obj: Any, name: str) -> bool:
+    """True when the constructor has a parameter ``name`` without a default (the trainer fills it)."""
+    target = obj.__init__ if inspect.isclass(obj) else obj
+    try:
+        param = inspect.signature(target).parameters.get(name)
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.default is inspect.Parameter.empty
+
+
 def _build_model(config: Config, input_shape: tuple[int, ...], kind: str) -> nn.Module:
     from deepmetric.models import build_model
     from deepmetric.registry import MODELS
@@ -124,10 +134,17 @@ def build_components(
     names, losses, weights = [], [], []
     for comp in (config.loss, *config.extra_losses):
         loss_cls = LOSSES.get(comp.name)
+        if getattr(loss_cls, "label_kind", "class") != "class":
+            raise ConfigError(
+                f"loss {comp.name!r} needs {loss_cls.label_kind} labels, but fit() trains on class labels; "
+                "use it from your own training loop (see its docstring)"
+            )
         kwargs = loss_constructor_args(comp)
-        if _accepts(loss_cls, "num_classes"):
+        # Filled by the trainer when the constructor requires them; an optional num_classes (e.g. the
+        # margin loss's per-class beta) stays the user's choice: `loss.num_classes = N` in the config.
+        if _requires(loss_cls, "num_classes"):
             kwargs["num_classes"] = num_train_classes
-        if _accepts(loss_cls, "embedding_dim"):
+        if _requires(loss_cls, "embedding_dim"):
             kwargs["embedding_dim"] = config.model.embedding_dim
         names.append(comp.name)
         losses.append(LOSSES.build(comp.name, **kwargs))
