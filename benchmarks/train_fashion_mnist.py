@@ -77,16 +77,19 @@ def _recipes(default_overrides: list[str]) -> dict[str, list[str]]:
     }
 
 
-def run(seeds: list[int], epochs: int, protocols: list[str], default_overrides: list[str]) -> dict[str, Any]:
-    torch.set_num_threads(2)
+def run(seeds: list[int], epochs: int, protocols: list[str], default_overrides: list[str],
+        recipes: list[str] | None = None, threads: int = 2) -> dict[str, Any]:
+    torch.set_num_threads(threads)
     _register_pml()
     results: dict[str, Any] = {"seeds": seeds, "epochs": epochs, "runs": []}
+    chosen = {k: v for k, v in _recipes(default_overrides).items() if recipes is None or k in recipes}
     with tempfile.TemporaryDirectory() as tmp:
         for protocol in protocols:
-            for name, overrides in _recipes(default_overrides).items():
+            for name, overrides in chosen.items():
                 for seed in seeds:
                     raw = apply_overrides({}, overrides + [f'data.protocol="{protocol}"', f"seed={seed}",
-                                                           f"train.epochs={epochs}", "train.plots=false"])
+                                                           f"train.epochs={epochs}", "train.plots=false",
+                                                           f"train.num_threads={threads}"])
                     config = config_from_dict(raw)
                     t0 = time.perf_counter()
                     res = fit(config, Path(tmp) / f"{protocol}-{len(results['runs'])}", progress=False,
@@ -136,13 +139,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--protocols", nargs="+", default=["closed", "disjoint"])
     parser.add_argument("--default", nargs="*", default=[], help="extra --set overrides for the default recipe")
+    parser.add_argument("--recipes", nargs="*", help="run only these recipes (names as in the table)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--append", nargs="*", default=[], help="merge the runs of these earlier JSON results")
+    parser.add_argument("--out", default="train_fashion_mnist", help="results file stem in benchmarks/results")
     args = parser.parse_args(argv)
-    results = run(args.seeds, args.epochs, args.protocols, args.default)
+    results = run(args.seeds, args.epochs, args.protocols, args.default, args.recipes, args.threads)
+    commands = ["python " + " ".join(sys.argv)]
+    for earlier in args.append:
+        old = json.loads(Path(earlier).read_text())
+        results["runs"] = old["runs"] + results["runs"]
+        commands = old.get("commands", [old.get("command", "")]) + commands
+    results["runs"].sort(key=lambda r: (r["protocol"] != "closed", r["recipe"] != "deepmetric default", r["recipe"]))
     md = table(results)
-    results["command"] = "python " + " ".join(sys.argv)
+    results["commands"] = commands
+    results["command"] = " ; ".join(commands)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(RESULTS / "train_fashion_mnist.json", json.dumps(results, indent=2))
-    atomic_write_text(RESULTS / "train_fashion_mnist.md", md + f"\nCommand: `{results['command']}`\n")
+    atomic_write_text(RESULTS / f"{args.out}.json", json.dumps(results, indent=2))
+    atomic_write_text(RESULTS / f"{args.out}.md", md + f"\nCommands: `{results['command']}`\n")
     print(md)
     return 0
 

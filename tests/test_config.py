@@ -18,8 +18,15 @@ def test_defaults_are_the_default_job() -> None:
     c = Config()
     assert c.data.name == "fashion_mnist" and c.data.protocol == "closed"
     assert c.model.name == "small_cnn"
-    assert c.loss.name == "multi_similarity"
+    assert c.loss.name == "sup_con" and c.miner is None
+    assert [e.name for e in c.extra_losses] == ["facility_location"]
     assert c.sampler.name == "m_per_class"
+    # replacing the loss drops the default's extra term unless extra_losses is given
+    assert config_from_dict({"loss": {"name": "contrastive"}}).extra_losses == ()
+    kept = config_from_dict({"loss": {"name": "contrastive"}, "extra_losses": [{"name": "center", "weight": 0.1}]})
+    assert [e.name for e in kept.extra_losses] == ["center"]
+    none = config_from_dict({"extra_losses": []})
+    assert none.extra_losses == () and config_from_dict(apply_overrides({}, [])) == Config()
 
 
 def test_unknown_top_level_key_names_valid_ones() -> None:

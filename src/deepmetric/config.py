@@ -1,7 +1,8 @@
 """Run configuration: frozen dataclasses read from TOML, strictly validated.
 
 A configuration file has one table per section; every key is optional (defaults below form the
-**default job**: Fashion-MNIST, closed-set, small CNN, multi-similarity loss with its miner)::
+**default job**: Fashion-MNIST, closed-set, small CNN, supervised contrastive loss plus a weighted
+facility-location clustering term)::
 
     seed = 0
 
@@ -14,11 +15,15 @@ A configuration file has one table per section; every key is optional (defaults 
     embedding_dim = 64
 
     [loss]                        # a component: name + the constructor's keyword arguments
-    name = "multi_similarity"
-    alpha = 2.0
+    name = "sup_con"
+    temperature = 0.1
+
+    [[extra_losses]]              # more weighted losses (dropped when [loss] names another loss)
+    name = "facility_location"
+    weight = 0.05
 
     [miner]
-    name = "multi_similarity"     # "none" for no miner
+    name = "none"                 # e.g. "semi_hard" for a triplet loss
 
     [sampler]
     name = "m_per_class"
@@ -99,7 +104,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 4
+    epochs: int = 2
     device: str = "auto"
     amp: bool = False
     num_threads: int = 0  # 0 = all cores
@@ -124,10 +129,13 @@ class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss: Component = field(default_factory=lambda: Component("multi_similarity", {}))
-    miner: Component | None = field(default_factory=lambda: Component("multi_similarity", {}))
+    loss: Component = field(default_factory=lambda: Component("sup_con", {}))
+    miner: Component | None = None
     sampler: Component = field(default_factory=lambda: Component("m_per_class", {"m": 32, "batch_size": 128}))
-    extra_losses: tuple[Component, ...] = ()
+    # The default job adds a weighted facility-location term (see README); replacing [loss] by another loss
+    # drops it unless [[extra_losses]] is given explicitly.
+    extra_losses: tuple[Component, ...] = field(
+        default_factory=lambda: (Component("facility_location", {"weight": 0.05}),))
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -241,6 +249,8 @@ def config_from_dict(raw: Mapping[str, Any]) -> Config:
             values[key] = tuple(_component("extra_losses", v, None) for v in value)
         else:
             raise ConfigError(f"unknown top-level key {key!r}; {_valid_keys_message('', valid_top)}")
+    if "loss" in values and values["loss"].name != base.loss.name and "extra_losses" not in values:
+        values["extra_losses"] = ()
     return dataclasses.replace(base, **values)
 
 
@@ -310,8 +320,7 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     for name in _COMPONENTS:
         comp = getattr(config, name)
         out[name] = {"name": "none"} if comp is None else {"name": comp.name, **dict(comp.args)}
-    if config.extra_losses:
-        out["extra_losses"] = [{"name": c.name, **dict(c.args)} for c in config.extra_losses]
+    out["extra_losses"] = [{"name": c.name, **dict(c.args)} for c in config.extra_losses]
     return out
 
 

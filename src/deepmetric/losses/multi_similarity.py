@@ -61,7 +61,10 @@ class MultiSimilarityLoss(nn.Module):
         alpha: :math:`\alpha`, scale of the positive part (paper: 2).
         beta: :math:`\beta`, scale of the negative part (paper: 50).
         base: :math:`\lambda`, the similarity margin (paper: 1, with α = 2, β = 50). The authors'
-            released configuration and pytorch-metric-learning use 0.5 (PML calls it ``base``).
+            released configuration and pytorch-metric-learning use 0.5 (PML calls it ``base``). With
+            λ = 1 the negative term :math:`e^{\beta (S - 1)}` is near 0 unless a negative is almost
+            identical, so little pushes classes apart: on scikit-learn digits (tests/test_trainability.py
+            setting) held-out MAP@R was 0.536 with λ = 1 against 0.655 with λ = 0.5.
 
     Shape:
         embeddings ``(B, D)``, labels ``(B,)``; ``ref_embeddings`` ``(R, D)``, ``ref_labels`` ``(R,)``;

@@ -26,7 +26,12 @@ def distance_weighted_log_weights(dist: Tensor, dim: int, cutoff: float = 0.5) -
     """
     d = dist.clamp_min(cutoff)
     tiny = torch.finfo(d.dtype).tiny
-    return (2.0 - dim) * torch.log(d) - ((dim - 3.0) / 2.0) * torch.log((1.0 - 0.25 * d * d).clamp_min(tiny))
+    if torch.is_grad_enabled() and d.requires_grad:
+        return (2.0 - dim) * torch.log(d) - ((dim - 3.0) / 2.0) * torch.log((1.0 - 0.25 * d * d).clamp_min(tiny))
+    # no autograd: the same operations in place on two (B, R) buffers
+    log_w = torch.log(d).mul_(2.0 - dim)
+    second = d.mul_(d).mul_(-0.25).add_(1.0).clamp_min_(tiny).log_().mul_((dim - 3.0) / 2.0)
+    return log_w.sub_(second)
 
 
 def distance_weighted_probabilities(
@@ -38,14 +43,19 @@ def distance_weighted_probabilities(
     negative falls back to uniform over its negatives. Normalised in log space (row-wise max).
     """
     log_w = distance_weighted_log_weights(dist, dim, cutoff)
-    valid = neg_mask & (dist < nonzero_loss_cutoff)
-    log_w = log_w.masked_fill(~valid, float("-inf"))
+    invalid = torch.logical_not(neg_mask).logical_or_(dist >= nonzero_loss_cutoff)
+    if dist.isnan().any():
+        invalid |= dist.isnan()  # ``dist < cutoff`` is False for NaN
+    in_place = not (torch.is_grad_enabled() and log_w.requires_grad)
+    log_w = log_w.masked_fill_(invalid, float("-inf")) if in_place else log_w.masked_fill(invalid, float("-inf"))
     row_max = log_w.amax(1, keepdim=True)
     has_valid = torch.isfinite(row_max)
-    w = torch.exp(log_w - torch.where(has_valid, row_max, torch.zeros_like(row_max)))
-    w = torch.where(has_valid, w, neg_mask.to(w.dtype))
+    shift = torch.where(has_valid, row_max, torch.zeros_like(row_max))
+    w = log_w.sub_(shift).exp_() if in_place else torch.exp(log_w - shift)
+    if not bool(has_valid.all()):
+        w = torch.where(has_valid, w, neg_mask.to(w.dtype))
     total = w.sum(1, keepdim=True)
-    return w / total.clamp_min(torch.finfo(w.dtype).tiny)
+    return w.div_(total.clamp_min(torch.finfo(w.dtype).tiny)) if in_place else w / total.clamp_min(torch.finfo(w.dtype).tiny)
 
 
 @MINERS.register("distance_weighted")
@@ -143,7 +153,8 @@ class DistanceWeightedMiner(nn.Module):
             return a, p, a.clone()
         probs = distance_weighted_probabilities(dist, neg, embeddings.shape[1], self.cutoff, self.nonzero_loss_cutoff)
         rows, row_of_pair, per_row = torch.unique_consecutive(a, return_inverse=True, return_counts=True)
-        draws = torch.multinomial(probs[rows], int(per_row.max()), replacement=True, generator=generator)
+        table = probs if rows.numel() == probs.shape[0] else probs[rows]  # rows is sorted and unique
+        draws = torch.multinomial(table, int(per_row.max()), replacement=True, generator=generator)
         rank = torch.arange(a.numel(), device=a.device) - (torch.cumsum(per_row, 0) - per_row)[row_of_pair]
         n = draws[row_of_pair, rank]
         return a, p, n
