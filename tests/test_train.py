@@ -166,7 +166,7 @@ def test_bad_inputs_give_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError):
         fit(tiny(f'data.name="npz:{empty}"'), tmp_path / "e", progress=False)
     with pytest.raises(ConfigError, match="does not take mined tuples"):
-        fit(tiny('loss.name="proxy_anchor"'), tmp_path / "p", progress=False)
+        fit(tiny('loss.name="proxy_anchor"', 'miner.name="multi_similarity"'), tmp_path / "p", progress=False)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="needs continuous labels"):

@@ -193,7 +193,7 @@ def test_fit_pairs_from_png_csv_checkpoint_loads(run: Path, pairs_csv: Path, tmp
     config = config_from_dict(apply_overrides(
         config_to_dict(load_config(None)),
         ['model.name="mlp"', "model.embedding_dim=8", 'loss.name="contrastive"', "loss.margin=1.0",
-         'miner.name="none"', "train.num_threads=1"]))
+         'miner.name="none"', "train.num_threads=1", "extra_losses=[]"]))
     result = fit_pairs(pairs_csv, tmp_path / "prun", config=config, epochs=3, lr=3e-3, batch_size=32,
                        val_pairs=pairs_csv, log=lambda s: None)
     out = tmp_path / "prun"
