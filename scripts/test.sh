@@ -10,7 +10,7 @@ if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" MPLBACKEND=Agg
 set +e
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -p no:cacheprovider "$@"
 code=$?
 set -e
 if [ "$code" = 5 ]; then echo "no tests were collected" >&2; exit 1; fi
