@@ -3,7 +3,8 @@
 #   bash scripts/setup.sh          # library + command line
 #   bash scripts/setup.sh test     # plus the test/benchmark extras (pytest, hypothesis, PML 2.9.0)
 # torch==2.13.0 is installed FIRST: it resolves to the local CPU wheel, so no multi-GB CUDA build of torch is
-# ever downloaded; every later requirement (torch>=2.2) is then already satisfied.
+# ever downloaded; every later requirement (torch>=2.2) is then already satisfied. numpy comes with it so
+# that importing torch to check its version does not warn about a missing numpy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
@@ -12,7 +13,7 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
-"${pip[@]}" "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
+"${pip[@]}" "torch==2.13.0" numpy 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__" \
   || { echo "setup: torch 2.13.0 did not install" >&2; exit 1; }
 if [ -n "$extras" ]; then spec=".[$extras]"; else spec="."; fi
