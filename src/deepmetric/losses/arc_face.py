@@ -5,11 +5,11 @@ import math
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deepmetric.errors import ConfigError
-from deepmetric.losses.softmax import check_class_count, check_class_inputs
+from deepmetric.losses._fused import LOG2E, SimGrad, deferred_class_check, fused_similarity_loss, softmax_xent
+from deepmetric.losses.softmax import check_class_count
 from deepmetric.registry import LOSSES
 
 __all__ = ["ArcFaceLoss", "arc_face_loss", "arc_face_target_logit"]
@@ -35,6 +35,10 @@ def arc_face_loss(
 ) -> Tensor:
     """Mean cross-entropy of ``s * cos θ_j`` with the target replaced by ``s * ψ(θ_y)``.
 
+    One fused pass (:func:`deepmetric.losses._fused.fused_similarity_loss`): the target column is
+    replaced by one scatter, the softmax is computed in place and ``∂L/∂cos`` (``s (softmax −
+    onehot) / B``, the target entry times ``ψ'(cos θ_y)``) is the only ``(B, C)`` tensor kept.
+
     Args:
         embeddings: ``(B, D)``.
         labels: ``(B,)`` class indices.
@@ -42,14 +46,35 @@ def arc_face_loss(
         scale: $s$.
         margin: $m$ in radians.
     """
-    unit = F.normalize(embeddings, dim=1)
-    normalized_weight = F.normalize(weight, dim=1)
-    scaled = (scale * unit) @ normalized_weight.T  # (B, C) = s cos, one matmul
+    return _arc_face_loss(embeddings, labels, weight, scale, margin)
+
+
+def _arc_face_loss(
+    embeddings: Tensor, labels: Tensor, weight: Tensor, scale: float, margin: float, finite_check=None
+) -> Tensor:
     own = labels.unsqueeze(1)
-    # target cosines from B dot products (exact, no division of the scaled logits)
-    cos_target = (unit * normalized_weight.index_select(0, labels)).sum(1, keepdim=True)
-    logits = scaled.scatter(1, own, scale * arc_face_target_logit(cos_target, margin))
-    return F.cross_entropy(logits, labels)
+    cos_m, sin_m = math.cos(margin), math.sin(margin)
+
+    def kernel(unit: Tensor, unit_weight: Tensor, need_grad: bool, _all_unit: bool):
+        factor = scale * LOG2E
+        logits = torch.addmm(unit.new_zeros(()), unit, unit_weight.T, beta=0.0, alpha=factor)
+        cos = logits.gather(1, own).div_(factor)  # target cosines
+        sin_sq = 1.0 - cos * cos
+        sin = sin_sq.clamp_min(1e-12).sqrt_()
+        shifted = cos > math.cos(math.pi - margin)
+        psi = torch.where(shifted, cos * cos_m - sin * sin_m, cos - margin * sin_m)
+        logits.scatter_(1, own, psi.mul_(factor))
+        value, soft = softmax_xent(logits, own)
+        if not need_grad:
+            return value, None
+        # ∂ψ/∂cos: cos m + sin m · cos / sin θ on the cos(θ + m) branch (0 for the sin term where
+        # the clamp is active), 1 on the other
+        slope = torch.where(sin_sq >= 1e-12, cos / sin, torch.zeros_like(cos)).mul_(sin_m).add_(cos_m)
+        slope = torch.where(shifted, slope, torch.ones_like(slope))
+        soft.scatter_(1, own, soft.gather(1, own).mul_(slope))
+        return value, SimGrad(soft, scale / labels.shape[0])
+
+    return fused_similarity_loss(embeddings, weight, kernel, True, finite_check)
 
 
 @LOSSES.register("arc_face")
@@ -120,12 +145,11 @@ class ArcFaceLoss(nn.Module):
         ref_embeddings: Tensor | None = None,
         ref_labels: Tensor | None = None,
     ) -> Tensor:
-        check_class_inputs(
-            embeddings, labels, self.num_classes, self.embedding_dim,
-            indices=indices, ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+        check = deferred_class_check(
+            embeddings, labels, self.num_classes, self.embedding_dim, indices, ref_embeddings, ref_labels
         )
-        return arc_face_loss(
-            embeddings, labels, self.weight.to(embeddings.dtype), self.scale, self.margin
+        return _arc_face_loss(
+            embeddings, labels, self.weight.to(embeddings.dtype), self.scale, self.margin, check
         )
 
     def extra_repr(self) -> str:

@@ -4,11 +4,11 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deepmetric.errors import ConfigError
-from deepmetric.losses.softmax import check_class_count, check_class_inputs
+from deepmetric.losses._fused import LOG2E, SimGrad, deferred_class_check, fused_similarity_loss, softmax_xent
+from deepmetric.losses.softmax import check_class_count
 from deepmetric.registry import LOSSES
 
 __all__ = ["CosFaceLoss", "cos_face_loss"]
@@ -19,6 +19,10 @@ def cos_face_loss(
 ) -> Tensor:
     """Mean cross-entropy of ``s * (cos(x_i, W_c) - m [c = y_i])``.
 
+    One fused pass (:func:`deepmetric.losses._fused.fused_similarity_loss`): the margin is applied
+    to the target column only (one scatter), the softmax is computed in place and ``∂L/∂cos = s
+    (softmax − onehot) / B`` is the only ``(B, C)`` tensor kept for the backward.
+
     Args:
         embeddings: ``(B, D)``.
         labels: ``(B,)`` class indices.
@@ -26,11 +30,23 @@ def cos_face_loss(
         scale: $s$.
         margin: $m$ (cosine margin).
     """
-    # s is folded into the (B, D) operand: one matmul gives s * cos.
-    scaled = (scale * F.normalize(embeddings, dim=1)) @ F.normalize(weight, dim=1).T  # (B, C)
+    return _cos_face_loss(embeddings, labels, weight, scale, margin)
+
+
+def _cos_face_loss(
+    embeddings: Tensor, labels: Tensor, weight: Tensor, scale: float, margin: float, finite_check=None
+) -> Tensor:
     own = labels.unsqueeze(1)
-    logits = scaled.scatter_add(1, own, scaled.new_full(own.shape, -scale * margin))
-    return F.cross_entropy(logits, labels)
+
+    def kernel(unit: Tensor, unit_weight: Tensor, need_grad: bool, _all_unit: bool):
+        # base-2 logits s cos log2(e), one matmul; the margin on the target column only
+        logits = torch.addmm(unit.new_zeros(()), unit, unit_weight.T, beta=0.0, alpha=scale * LOG2E)
+        if margin != 0.0:
+            logits.scatter_add_(1, own, logits.new_full(own.shape, -scale * margin * LOG2E))
+        value, soft = softmax_xent(logits, own)
+        return value, SimGrad(soft, scale / labels.shape[0]) if need_grad else None
+
+    return fused_similarity_loss(embeddings, weight, kernel, True, finite_check)
 
 
 @LOSSES.register("cos_face")
@@ -95,12 +111,11 @@ class CosFaceLoss(nn.Module):
         ref_embeddings: Tensor | None = None,
         ref_labels: Tensor | None = None,
     ) -> Tensor:
-        check_class_inputs(
-            embeddings, labels, self.num_classes, self.embedding_dim,
-            indices=indices, ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+        check = deferred_class_check(
+            embeddings, labels, self.num_classes, self.embedding_dim, indices, ref_embeddings, ref_labels
         )
-        return cos_face_loss(
-            embeddings, labels, self.weight.to(embeddings.dtype), self.scale, self.margin
+        return _cos_face_loss(
+            embeddings, labels, self.weight.to(embeddings.dtype), self.scale, self.margin, check
         )
 
     def extra_repr(self) -> str:

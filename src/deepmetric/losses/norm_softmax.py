@@ -5,11 +5,11 @@ import math
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deepmetric.errors import ConfigError
-from deepmetric.losses.softmax import check_class_count, check_class_inputs
+from deepmetric.losses._fused import LOG2E, SimGrad, deferred_class_check, fused_similarity_loss, softmax_xent
+from deepmetric.losses.softmax import check_class_count
 from deepmetric.registry import LOSSES
 
 __all__ = ["NormSoftmaxLoss", "norm_softmax_loss"]
@@ -20,15 +20,30 @@ def norm_softmax_loss(
 ) -> Tensor:
     """Mean cross-entropy of the logits ``cos(x_i, p_c) / temperature``.
 
+    One fused pass (:func:`deepmetric.losses._fused.fused_similarity_loss`): softmax in place,
+    ``∂L/∂cos = (softmax − onehot) / (σ B)`` the only ``(B, C)`` tensor kept for the backward.
+
     Args:
         embeddings: ``(B, D)``.
         labels: ``(B,)`` class indices.
         proxies: ``(C, D)`` class weights (normalised here).
         temperature: $\\sigma$.
     """
-    # 1/temperature is folded into the (B, D) operand: one matmul gives the logits.
-    logits = (F.normalize(embeddings, dim=1) / temperature) @ F.normalize(proxies, dim=1).T
-    return F.cross_entropy(logits, labels)
+    return _norm_softmax_loss(embeddings, labels, proxies, temperature)
+
+
+def _norm_softmax_loss(
+    embeddings: Tensor, labels: Tensor, proxies: Tensor, temperature: float, finite_check=None
+) -> Tensor:
+    own = labels.unsqueeze(1)
+    scale = 1.0 / temperature
+
+    def kernel(unit: Tensor, unit_proxies: Tensor, need_grad: bool, _all_unit: bool):
+        logits = torch.addmm(unit.new_zeros(()), unit, unit_proxies.T, beta=0.0, alpha=scale * LOG2E)
+        value, soft = softmax_xent(logits, own)
+        return value, SimGrad(soft, scale / labels.shape[0]) if need_grad else None
+
+    return fused_similarity_loss(embeddings, proxies, kernel, True, finite_check)
 
 
 @LOSSES.register("norm_softmax")
@@ -90,11 +105,10 @@ class NormSoftmaxLoss(nn.Module):
         ref_embeddings: Tensor | None = None,
         ref_labels: Tensor | None = None,
     ) -> Tensor:
-        check_class_inputs(
-            embeddings, labels, self.num_classes, self.embedding_dim,
-            indices=indices, ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+        check = deferred_class_check(
+            embeddings, labels, self.num_classes, self.embedding_dim, indices, ref_embeddings, ref_labels
         )
-        return norm_softmax_loss(embeddings, labels, self.proxies.to(embeddings.dtype), self.temperature)
+        return _norm_softmax_loss(embeddings, labels, self.proxies.to(embeddings.dtype), self.temperature, check)
 
     def extra_repr(self) -> str:
         return (

@@ -5,26 +5,25 @@ import math
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deepmetric.errors import ConfigError
-from deepmetric.losses.softmax import check_class_count, check_class_inputs
+from deepmetric.losses._fused import LN2, LOG2E, SimGrad, deferred_class_check, fused_similarity_loss
+from deepmetric.losses.softmax import check_class_count
 from deepmetric.registry import LOSSES
 
 __all__ = ["ProxyAnchorLoss", "proxy_anchor_loss"]
-
-
-def _log1p_sum_exp_columns(z: Tensor) -> Tensor:
-    """``log(1 + sum_i exp(z[i, c]))`` per column, stable; ``-inf`` entries contribute nothing."""
-    shift = z.detach().amax(dim=0).clamp_min(0.0)  # (C,), >= 0 so exp(-shift) <= 1
-    return shift + torch.log(torch.exp(-shift) + torch.exp(z - shift).sum(dim=0))
 
 
 def proxy_anchor_loss(
     embeddings: Tensor, labels: Tensor, proxies: Tensor, alpha: float = 32.0, delta: float = 0.1
 ) -> Tensor:
     """Proxy-Anchor loss from one ``(B, C)`` cosine matrix (see :class:`ProxyAnchorLoss`).
+
+    One fused pass (:func:`deepmetric.losses._fused.fused_similarity_loss`): the negative term's
+    column sums are computed in place on the cosine buffer (the own class masked by one scatter),
+    the positive term from the ``B`` target cosines (per-class reductions of length ``B``), and
+    ``∂L/∂cos`` is the only ``(B, C)`` tensor kept for the backward.
 
     Args:
         embeddings: ``(B, D)``.
@@ -33,23 +32,47 @@ def proxy_anchor_loss(
         alpha: scale $\\alpha$.
         delta: margin $\\delta$.
     """
+    return _proxy_anchor_loss(embeddings, labels, proxies, alpha, delta)
+
+
+def _proxy_anchor_loss(
+    embeddings: Tensor, labels: Tensor, proxies: Tensor, alpha: float, delta: float, finite_check=None
+) -> Tensor:
     num_classes = proxies.shape[0]
-    unit = F.normalize(embeddings, dim=1)
-    unit_proxies = F.normalize(proxies, dim=1)
     own = labels.unsqueeze(1)
-    # Negative term: every (sample, proxy) pair with a different class; alpha (cos + delta) from
-    # one fused addmm.
-    scaled = torch.addmm(unit.new_full((1, 1), alpha * delta), alpha * unit, unit_proxies.T)
-    negative = _log1p_sum_exp_columns(scaled.scatter(1, own, float("-inf")))
-    # Positive term: only the B entries cos[i, y_i] (B dot products), reduced per class.
-    cos_own = (unit * unit_proxies.index_select(0, labels)).sum(1)
-    z = -alpha * (cos_own - delta)  # (B,)
-    shift = torch.zeros(num_classes, dtype=z.dtype, device=z.device)
-    shift = shift.scatter_reduce(0, labels, z.detach(), reduce="amax", include_self=True)  # >= 0
-    sums = torch.zeros_like(shift).index_add(0, labels, torch.exp(z - shift.index_select(0, labels)))
-    positive = shift + torch.log(torch.exp(-shift) + sums)  # 0 for proxies without positives
-    with_positives = torch.bincount(labels, minlength=num_classes).gt(0).sum()
-    return positive.sum() / with_positives + negative.sum() / num_classes
+
+    def kernel(unit: Tensor, unit_proxies: Tensor, need_grad: bool, _all_unit: bool):
+        dtype = unit.dtype
+        factor = alpha * LOG2E
+        # base-2 logits α cos log2(e); the negative logits are α (cos + δ)
+        logits = torch.addmm(unit.new_zeros(()), unit, unit_proxies.T, beta=0.0, alpha=factor)
+        cos_own = logits.gather(1, own).squeeze(1).div_(factor)
+        logits.scatter_(1, own, float("-inf"))  # X_p^-: every sample not of p's class
+        # log(1 + Σ_i e^{z_ic}) per column with the shift max(max_i z_ic, 0) (so e^{-shift} <= 1)
+        shift = logits.amax(0).add_(alpha * delta * LOG2E).clamp_min_(0.0)  # base 2
+        weights = logits.add_((alpha * delta * LOG2E - shift).unsqueeze(0)).exp2_()
+        denominator = weights.sum(0).add_(torch.exp2(-shift))
+        negative = (shift + denominator.log2()).sum() * (LN2 / num_classes)
+        # positive term: only the B entries cos[i, y_i], reduced per class
+        z = (cos_own - delta) * (-alpha)
+        pos_shift = torch.zeros(num_classes, dtype=dtype, device=z.device)
+        pos_shift = pos_shift.scatter_reduce(0, labels, z, reduce="amax", include_self=True)  # >= 0
+        own_shift = pos_shift.index_select(0, labels)
+        terms = torch.exp(z - own_shift)
+        sums = torch.zeros_like(pos_shift).index_add_(0, labels, terms).add_(torch.exp(-pos_shift))
+        with_positives = torch.bincount(labels, minlength=num_classes).gt(0).sum()
+        positive = (pos_shift + sums.log()).sum() / with_positives  # 0 for proxies without positives
+        value = positive + negative
+        if not need_grad:
+            return value, None
+        # ∂/∂cos_ic = α/C · e^{z_ic} / (1 + Σ_i e^{z_ic}) (negatives);
+        # ∂/∂cos_{i,y_i} = −α/|P+| · e^{z_i} / (1 + Σ_{class} e^{z}) (positives)
+        grad = weights.mul_((alpha / num_classes) / denominator)
+        pos_grad = terms.div_(sums.index_select(0, labels)).mul_(-alpha / with_positives.to(dtype))
+        grad.scatter_(1, own, pos_grad.unsqueeze(1))
+        return value, SimGrad(grad)
+
+    return fused_similarity_loss(embeddings, proxies, kernel, True, finite_check)
 
 
 @LOSSES.register("proxy_anchor")
@@ -116,12 +139,11 @@ class ProxyAnchorLoss(nn.Module):
         ref_embeddings: Tensor | None = None,
         ref_labels: Tensor | None = None,
     ) -> Tensor:
-        check_class_inputs(
-            embeddings, labels, self.num_classes, self.embedding_dim,
-            indices=indices, ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+        check = deferred_class_check(
+            embeddings, labels, self.num_classes, self.embedding_dim, indices, ref_embeddings, ref_labels
         )
-        return proxy_anchor_loss(
-            embeddings, labels, self.proxies.to(embeddings.dtype), self.alpha, self.delta
+        return _proxy_anchor_loss(
+            embeddings, labels, self.proxies.to(embeddings.dtype), self.alpha, self.delta, check
         )
 
     def extra_repr(self) -> str:

@@ -4,11 +4,11 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deepmetric.errors import ConfigError
-from deepmetric.losses.softmax import check_class_count, check_class_inputs
+from deepmetric.losses._fused import LOG2E, SimGrad, deferred_class_check, fused_similarity_loss, softmax_xent
+from deepmetric.losses.softmax import check_class_count
 from deepmetric.registry import LOSSES
 
 __all__ = ["ProxyNCALoss", "proxy_nca_loss"]
@@ -19,7 +19,9 @@ def proxy_nca_loss(embeddings: Tensor, labels: Tensor, proxies: Tensor, softmax_
 
     With unit vectors $d^2(\\hat x, \\hat p) = 2 - 2\\hat x^\\top \\hat p$, so the loss is computed from
     one cosine matrix: $-s d^2_y - \\log\\sum_{z\\ne y} e^{-s d^2_z}
-    = -2s\\cos_y + \\log\\sum_{z \\ne y} e^{2s \\cos_z}$ (the constant $2s$ cancels).
+    = -2s\\cos_y + \\log\\sum_{z \\ne y} e^{2s \\cos_z}$ (the constant $2s$ cancels). One fused
+    pass (:func:`deepmetric.losses._fused.fused_similarity_loss`): the softmax over the other
+    proxies in place, ``∂L/∂cos`` the only ``(B, C)`` tensor kept for the backward.
 
     Args:
         embeddings: ``(B, D)``.
@@ -27,11 +29,21 @@ def proxy_nca_loss(embeddings: Tensor, labels: Tensor, proxies: Tensor, softmax_
         proxies: ``(C, D)``, ``C >= 2``.
         softmax_scale: ``s``.
     """
-    # 2s is folded into the (B, D) operand: one matmul gives the logits 2s cos.
-    logits = ((2.0 * softmax_scale) * F.normalize(embeddings, dim=1)) @ F.normalize(proxies, dim=1).T
-    target = logits.gather(1, labels.unsqueeze(1)).squeeze(1)
-    others = logits.scatter(1, labels.unsqueeze(1), float("-inf"))
-    return (torch.logsumexp(others, dim=1) - target).mean()
+    return _proxy_nca_loss(embeddings, labels, proxies, softmax_scale)
+
+
+def _proxy_nca_loss(
+    embeddings: Tensor, labels: Tensor, proxies: Tensor, softmax_scale: float, finite_check=None
+) -> Tensor:
+    own = labels.unsqueeze(1)
+    scale = 2.0 * softmax_scale
+
+    def kernel(unit: Tensor, unit_proxies: Tensor, need_grad: bool, _all_unit: bool):
+        logits = torch.addmm(unit.new_zeros(()), unit, unit_proxies.T, beta=0.0, alpha=scale * LOG2E)
+        value, soft = softmax_xent(logits, own, exclude_target=True)
+        return value, SimGrad(soft, scale / labels.shape[0]) if need_grad else None
+
+    return fused_similarity_loss(embeddings, proxies, kernel, True, finite_check)
 
 
 @LOSSES.register("proxy_nca")
@@ -94,11 +106,10 @@ class ProxyNCALoss(nn.Module):
         ref_embeddings: Tensor | None = None,
         ref_labels: Tensor | None = None,
     ) -> Tensor:
-        check_class_inputs(
-            embeddings, labels, self.num_classes, self.embedding_dim,
-            indices=indices, ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+        check = deferred_class_check(
+            embeddings, labels, self.num_classes, self.embedding_dim, indices, ref_embeddings, ref_labels
         )
-        return proxy_nca_loss(embeddings, labels, self.proxies.to(embeddings.dtype), self.softmax_scale)
+        return _proxy_nca_loss(embeddings, labels, self.proxies.to(embeddings.dtype), self.softmax_scale, check)
 
     def extra_repr(self) -> str:
         return (

@@ -1,15 +1,15 @@
 """Ranked list loss (Wang et al., CVPR 2019)."""
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepmetric.distances import euclidean
 from deepmetric.errors import ConfigError
 from deepmetric.registry import LOSSES
+from deepmetric.losses._fused import LOG2E, LabelGroups, SimGrad, exp_limits, fused_similarity_loss, label_groups
 from deepmetric.losses._pairs import resolve_masks
 from deepmetric.tuples import Indices, check_inputs, zero_loss
 
@@ -44,31 +44,175 @@ def ranked_list_loss(
     negative_weight: float = 1.0,
     query_only_gradient: bool = False,
 ) -> Tensor:
-    """Ranked list loss value; see :class:`RankedListLoss`. Inputs are assumed validated."""
+    """Ranked list loss value; see :class:`RankedListLoss`. Inputs are assumed validated.
+
+    One fused pass (:mod:`deepmetric.losses._fused`): the distances, the value and ``∂L/∂S``
+    (``S`` the cosine matrix, ``d = sqrt(2 − 2S)``) from one buffer worked in place. With labels and
+    no reference set, the positives of each row are read with one gather and overwritten with one
+    scatter (no ``(B, B)`` positive mask); otherwise masks from labels / mined ``indices``.
+    """
+    return _ranked_list_loss(
+        embeddings, labels, indices, ref_embeddings, ref_labels, alpha=alpha, margin=margin,
+        temperature=temperature, negative_weight=negative_weight, query_only_gradient=query_only_gradient,
+    )
+
+
+def _ranked_list_loss(
+    embeddings: Tensor,
+    labels: Tensor,
+    indices: Indices | None = None,
+    ref_embeddings: Tensor | None = None,
+    ref_labels: Tensor | None = None,
+    *,
+    alpha: float = 1.2,
+    margin: float = 0.4,
+    temperature: float = 10.0,
+    negative_weight: float = 1.0,
+    query_only_gradient: bool = False,
+    finite_check: Callable[[], object] | None = None,
+) -> Tensor:
+    """See :func:`ranked_list_loss`; ``finite_check`` (module calls) replaces the up-front ``isfinite`` pass."""
     same_set = ref_embeddings is None
-    queries = F.normalize(embeddings, dim=1)
-    ref = queries if same_set else F.normalize(ref_embeddings, dim=1)  # type: ignore[arg-type]
-    if query_only_gradient:
-        ref = ref.detach()
-    dist = euclidean(queries, ref)
-    pos, neg = _pair_masks(labels, None if same_set else ref_labels, indices, dist.shape[0], dist.shape[1])
+    ref = embeddings if same_set else ref_embeddings
+    params = (alpha, margin, temperature, negative_weight)
+    groups = label_groups(labels) if same_set and indices is None else None
+    if groups is None and finite_check is not None:
+        finite_check()  # masks may raise too: keep the checks in their usual order
+        finite_check = None
+    if groups is not None:
+        if not bool((groups.num_pos > 0).any()):
+            if finite_check is not None:
+                finite_check()
+            return zero_loss(embeddings, embeddings if not query_only_gradient else embeddings.detach())
+        return fused_similarity_loss(
+            embeddings, None, _label_kernel(groups, *params), not query_only_gradient, finite_check
+        )
+    batch, ref_size = embeddings.shape[0], ref.shape[0]  # type: ignore[union-attr]
+    pos, neg = _pair_masks(labels, None if same_set else ref_labels, indices, batch, ref_size)
     if not bool(pos.any()):
-        return zero_loss(embeddings, ref)
-    pos_boundary = alpha - margin
-    pos_star = pos & (dist > pos_boundary)  # non-trivial positives P*
-    neg_star = neg & (dist < alpha)  # non-trivial negatives N*
+        return zero_loss(embeddings, ref if not query_only_gradient else ref.detach())  # type: ignore[union-attr]
+    return fused_similarity_loss(
+        embeddings, None if same_set else ref, _masked_kernel(pos, neg, *params), not query_only_gradient
+    )
+
+
+_EPS = 1e-12  # clamp of the squared distance, as in deepmetric.distances.euclidean
+_BLOCK_ELEMENTS = 1 << 18  # row block of the negative weights: 1 MiB of float32
+
+
+def _weight_shift(dtype: torch.dtype, width: int, span: float) -> float | None:
+    """Constant shift for ``exp(T(α − d))`` with ``T(α − d) ∈ [0, span]``, or None (row maxima)."""
+    hi, lo = exp_limits(dtype, width)
+    if span <= hi:
+        return 0.0
+    if span <= lo:
+        return span
+    return None
+
+
+def _positive_terms(dist2: Tensor, mask: Tensor, boundary: float, batch: int) -> tuple[Tensor, Tensor]:
+    """``L_P`` per row from squared distances ``dist2`` (``mask`` the positives) and ``∂(L_P/N)/∂S``."""
+    passes = dist2 >= _EPS
+    dist = dist2.clamp_min(_EPS).sqrt_()
+    star = mask & (dist > boundary)
+    count = star.sum(1, keepdim=True).clamp_min_(1).to(dist.dtype)
     zero = dist.new_zeros(())
-    # L_P: plain mean of the positive hinge over P* (0 where P* is empty).
-    pos_hinge = torch.where(pos_star, dist - pos_boundary, zero)
-    loss_pos = pos_hinge.sum(1) / pos_star.sum(1).clamp_min(1).to(dist.dtype)
-    # L_N: weights exp(T (alpha - d)) normalised over N*, constants for back-propagation.
-    with torch.no_grad():
-        logits = (temperature * (alpha - dist)).masked_fill(~neg_star, float("-inf"))
-        has_neg = neg_star.any(1, keepdim=True)
-        weights = torch.softmax(logits.masked_fill(~has_neg, 0.0), dim=1)
-        weights = torch.where(neg_star, weights, zero)
-    loss_neg = (weights * torch.where(neg_star, alpha - dist, zero)).sum(1)
-    return (loss_pos + negative_weight * loss_neg).mean()
+    loss_p = torch.where(star, dist - boundary, zero).sum(1, keepdim=True).div_(count).squeeze(1)
+    # ∂d/∂S = −1/d where the clamp passes
+    grad = torch.where(star & passes, (dist * count).reciprocal_().mul_(-1.0 / batch), zero)
+    return loss_p, grad
+
+
+def _label_kernel(groups: LabelGroups, alpha: float, margin: float, temperature: float, negative_weight: float):
+    """Same set, label positives (gathered per row), every other label a negative."""
+
+    def kernel(unit: Tensor, _ref: Tensor, need_grad: bool, all_unit: bool) -> tuple[Tensor, SimGrad | None]:
+        batch, dtype = unit.shape[0], unit.dtype
+        if all_unit:  # d² = 2 − 2 S for unit rows
+            dist = torch.addmm(unit.new_zeros(()), unit, unit.T, beta=0.0, alpha=-2.0).add_(2.0)
+        else:  # a zero row: d² = |x̂_i|² + |x̂_j|² − 2 S
+            norms2 = (unit * unit).sum(1)
+            dist = torch.addmm(norms2.unsqueeze(1), unit, unit.T, alpha=-2.0).add_(norms2)
+        zero = dist.new_zeros(())
+        loss_p, grad_p = _positive_terms(dist.gather(1, groups.members), groups.pos_slots, alpha - margin, batch)
+        # positives and i itself leave the negative sums: d² = α² + 1 (d > α: no weight, no term)
+        dist.scatter_(1, groups.members, alpha * alpha + 1.0)
+        clamped = float(torch.tensor(_EPS, dtype=dtype).sqrt())  # d of a clamped d² (no gradient)
+        shift = _weight_shift(dtype, batch, temperature * alpha)
+        total = dist.new_empty(batch)
+        weighted_dist = dist.new_empty(batch)
+        # Row blocks: the weights of a block live in a small scratch buffer (no second (B, B)
+        # allocation) and the block's gradient overwrites its distances while both are in cache.
+        rows = max(32, _BLOCK_ELEMENTS // batch)
+        scratch = dist.new_empty(min(rows, batch), batch)
+        for start in range(0, batch, rows):
+            stop = min(start + rows, batch)
+            d = dist[start:stop].clamp_min_(_EPS).sqrt_()
+            # w = exp(T (α − d)) on N* = {d < α}, 0 elsewhere: threshold −d at −α (strict), exp2
+            w = torch.neg(d, out=scratch[: stop - start])
+            F.threshold_(w, -alpha, float("-inf"))
+            w.add_(alpha)  # α − d on N*, −inf elsewhere
+            if temperature == 0.0:
+                w.clamp_max_(0.0)  # w = 1 on N*
+            else:
+                w.mul_(temperature * LOG2E)
+                if shift is None:  # row maxima of T(α − d) over N*
+                    peak = w.amax(1, keepdim=True)
+                    w.sub_(torch.where(torch.isfinite(peak), peak, zero))
+                elif shift:
+                    w.sub_(shift * LOG2E)
+            w.exp2_()
+            block_total = torch.sum(w, 1, out=total[start:stop])
+            torch.bmm(w.unsqueeze(1), d.unsqueeze(2), out=weighted_dist[start:stop].view(-1, 1, 1))
+            if need_grad:
+                # N*: ∂L/∂S_ij = λ w_ij / (N W_i d_ij), written over the block's distances; a
+                # clamped distance passes no gradient (d → inf there, so w / d = 0)
+                if negative_weight == 0.0:
+                    d.zero_()
+                else:
+                    w.mul_(torch.where(block_total > 0, negative_weight / batch / block_total, zero).unsqueeze(1))
+                    torch.div(w, F.threshold_(d, clamped, float("inf")), out=d)
+        has_neg = total > 0
+        safe_total = torch.where(has_neg, total, torch.ones_like(total))
+        loss_n = torch.where(has_neg, alpha - weighted_dist / safe_total, zero)
+        value = (loss_p + negative_weight * loss_n).mean()
+        if not need_grad:
+            return value, None
+        dist.scatter_add_(1, groups.members, grad_p)  # P*: −1 / (N |P*_i| d_ij) (0 in the N* part)
+        return value, SimGrad(dist)
+
+    return kernel
+
+
+def _masked_kernel(pos: Tensor, neg: Tensor, alpha: float, margin: float, temperature: float, negative_weight: float):
+    """Explicit positive / negative masks (mined indices or a reference set)."""
+
+    def kernel(unit: Tensor, ref: Tensor, need_grad: bool, _all_unit: bool) -> tuple[Tensor, SimGrad | None]:
+        batch, dtype = unit.shape[0], unit.dtype
+        x2 = (unit * unit).sum(1, keepdim=True)
+        y2 = x2.T if ref is unit else (ref * ref).sum(1).unsqueeze(0)
+        dist2 = torch.addmm(x2, unit, ref.T, alpha=-2.0).add_(y2)
+        zero = dist2.new_zeros(())
+        loss_p, grad_p = _positive_terms(dist2, pos, alpha - margin, batch)
+        passes = dist2 >= _EPS
+        dist = dist2.clamp_min_(_EPS).sqrt_()
+        star = neg & (dist < alpha)
+        neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=dist.device)
+        logits = torch.where(star, (alpha - dist).mul_(temperature), neg_inf)
+        peak = logits.amax(1, keepdim=True)
+        weights = logits.sub_(torch.where(torch.isfinite(peak), peak, zero)).exp_()
+        total = weights.sum(1)
+        has_neg = total > 0
+        safe_total = torch.where(has_neg, total, torch.ones_like(total))
+        loss_n = torch.where(has_neg, (weights * (alpha - dist)).sum(1) / safe_total, zero)
+        value = (loss_p + negative_weight * loss_n).mean()
+        if not need_grad:
+            return value, None
+        scale = negative_weight / batch
+        grad = weights.div_(dist).mul_(passes).mul_((scale / safe_total).unsqueeze(1)).add_(grad_p)
+        return value, SimGrad(grad)
+
+    return kernel
 
 
 @LOSSES.register("ranked_list")
@@ -158,8 +302,8 @@ class RankedListLoss(nn.Module):
         ref_embeddings: Tensor | None = None,
         ref_labels: Tensor | None = None,
     ) -> Tensor:
-        check_inputs(embeddings, labels, ref_embeddings, ref_labels)
-        return ranked_list_loss(
+        check_inputs(embeddings, labels, ref_embeddings, ref_labels, check_finite=False)
+        return _ranked_list_loss(
             embeddings,
             labels,
             indices,
@@ -170,6 +314,7 @@ class RankedListLoss(nn.Module):
             temperature=self.temperature,
             negative_weight=self.negative_weight,
             query_only_gradient=self.query_only_gradient,
+            finite_check=lambda: check_inputs(embeddings, labels, ref_embeddings, ref_labels),
         )
 
     def extra_repr(self) -> str:

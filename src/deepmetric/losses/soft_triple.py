@@ -9,7 +9,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deepmetric.errors import ConfigError
-from deepmetric.losses.softmax import check_class_count, check_class_inputs
+from deepmetric.losses._fused import (
+    LOG2E,
+    SimGrad,
+    deferred_class_check,
+    exp_limits,
+    fused_similarity_loss,
+    softmax_xent,
+)
+from deepmetric.losses.softmax import check_class_count
 from deepmetric.registry import LOSSES
 
 __all__ = ["SoftTripleLoss", "soft_triple_loss", "soft_triple_regularizer"]
@@ -49,6 +57,12 @@ def soft_triple_loss(
 ) -> Tensor:
     """Mean SoftTriple loss plus ``tau`` times the adaptive-center regulariser.
 
+    The first term is one fused pass (:func:`deepmetric.losses._fused.fused_similarity_loss`) over
+    the ``(B, C·K)`` similarities: the soft assignment, ``S'`` and the softmax over classes are
+    computed on two buffers, and ``∂L/∂s_{ick} = ∂L/∂S'_{ic} · p_{ick} (1 + (s_{ick} − S'_{ic})/γ)``
+    (``p`` the soft assignment) is written into the similarity buffer, the only one kept for the
+    backward.
+
     Args:
         embeddings: ``(B, D)``.
         labels: ``(B,)`` class indices.
@@ -58,16 +72,47 @@ def soft_triple_loss(
         tau: $\\tau$, weight of the regulariser (0 disables it).
         delta: $\\delta$, margin subtracted from the target similarity.
     """
+    return _soft_triple_loss(embeddings, labels, centers, la, gamma, tau, delta)
+
+
+def _soft_triple_loss(
+    embeddings: Tensor,
+    labels: Tensor,
+    centers: Tensor,
+    la: float,
+    gamma: float,
+    tau: float,
+    delta: float,
+    finite_check=None,
+) -> Tensor:
     num_classes, k, dim = centers.shape
-    unit = F.normalize(centers, dim=2)
-    sim = (F.normalize(embeddings, dim=1) @ unit.reshape(num_classes * k, dim).T).view(-1, num_classes, k)
-    weights = torch.softmax(sim / gamma, dim=2)
-    class_sim = (weights * sim).sum(dim=2)  # (B, C): S'_{i,c}
     own = labels.unsqueeze(1)
-    logits = (la * class_sim).scatter_add(1, own, class_sim.new_full(own.shape, -la * delta))
-    loss = F.cross_entropy(logits, labels)
+    batch = labels.shape[0]
+
+    def kernel(unit: Tensor, unit_centers: Tensor, need_grad: bool, _all_unit: bool):
+        sim = (unit @ unit_centers.T).view(batch, num_classes, k)  # s_{ick}
+        # soft assignment p = softmax_k(s / γ), in base 2 on a second buffer; |s| <= 1, so no
+        # shift is needed unless 1/γ is beyond the range of exp
+        hi, lo = exp_limits(unit.dtype, k)
+        if 1.0 / gamma <= min(hi, lo):
+            weights = torch.mul(sim, LOG2E / gamma).exp2_()
+        else:
+            weights = torch.sub(sim, sim.amax(2, keepdim=True)).mul_(LOG2E / gamma).exp2_()
+        total = weights.sum(2)
+        class_sim = (weights.view(-1, 1, k) @ sim.view(-1, k, 1)).view(batch, num_classes).div_(total)  # S'
+        logits = class_sim * (la * LOG2E)
+        logits.scatter_add_(1, own, logits.new_full(own.shape, -la * delta * LOG2E))
+        value, soft = softmax_xent(logits, own)
+        if not need_grad:
+            return value, None
+        # ∂L/∂S' = λ (softmax − onehot) / B;  ∂S'/∂s_k = p_k (1 + (s_k − S')/γ)
+        grad = sim.sub_((class_sim - gamma).unsqueeze(2)).mul_(weights)
+        grad.mul_(soft.mul_(la / (batch * gamma)).div_(total).unsqueeze(2))
+        return value, SimGrad(grad.view(batch, num_classes * k))
+
+    loss = fused_similarity_loss(embeddings, centers.reshape(num_classes * k, dim), kernel, True, finite_check)
     if tau > 0 and k > 1:
-        loss = loss + tau * _regularizer_of_unit(unit)
+        loss = loss + tau * _regularizer_of_unit(F.normalize(centers, dim=2))
     return loss
 
 
@@ -160,13 +205,12 @@ class SoftTripleLoss(nn.Module):
         ref_embeddings: Tensor | None = None,
         ref_labels: Tensor | None = None,
     ) -> Tensor:
-        check_class_inputs(
-            embeddings, labels, self.num_classes, self.embedding_dim,
-            indices=indices, ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+        check = deferred_class_check(
+            embeddings, labels, self.num_classes, self.embedding_dim, indices, ref_embeddings, ref_labels
         )
-        return soft_triple_loss(
+        return _soft_triple_loss(
             embeddings, labels, self.centers.to(embeddings.dtype),
-            self.la, self.gamma, self.tau, self.delta,
+            self.la, self.gamma, self.tau, self.delta, check,
         )
 
     def extra_repr(self) -> str:

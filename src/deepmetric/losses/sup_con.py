@@ -1,15 +1,23 @@
 """Supervised contrastive loss, L^sup_out (Khosla et al., NeurIPS 2020)."""
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from deepmetric.distances import cosine_similarity
 from deepmetric.errors import ConfigError
 from deepmetric.registry import LOSSES
-from deepmetric.losses._pairs import masked_logsumexp, resolve_masks
+from deepmetric.losses._fused import (
+    LN2,
+    LOG2E,
+    LabelGroups,
+    SimGrad,
+    exp_limits,
+    fused_similarity_loss,
+    label_groups,
+)
+from deepmetric.losses._pairs import resolve_masks
 from deepmetric.tuples import Indices, check_inputs, zero_loss
 
 __all__ = ["SupConLoss", "sup_con_loss"]
@@ -39,19 +47,114 @@ def sup_con_loss(
     *,
     temperature: float = 0.1,
 ) -> Tensor:
-    """SupCon (L^sup_out) value; see :class:`SupConLoss`. Inputs are assumed validated."""
+    """SupCon (L^sup_out) value; see :class:`SupConLoss`. Inputs are assumed validated.
+
+    One fused pass (:mod:`deepmetric.losses._fused`): the value and ``∂L/∂S`` come from one
+    ``(B, R)`` buffer, ``exp(S/τ)`` computed in place. With labels and no reference set, the
+    positive logits of each row are read with one gather (``O(B·K)``) and their gradient added
+    with one scatter, so no ``(B, B)`` mask is built; otherwise masks from labels / mined ``indices``.
+    """
+    return _sup_con_loss(embeddings, labels, indices, ref_embeddings, ref_labels, temperature=temperature)
+
+
+def _sup_con_loss(
+    embeddings: Tensor,
+    labels: Tensor,
+    indices: Indices | None = None,
+    ref_embeddings: Tensor | None = None,
+    ref_labels: Tensor | None = None,
+    *,
+    temperature: float = 0.1,
+    finite_check: Callable[[], object] | None = None,
+) -> Tensor:
+    """See :func:`sup_con_loss`; ``finite_check`` (module calls) replaces the up-front ``isfinite`` pass."""
     same_set = ref_embeddings is None
     ref = embeddings if same_set else ref_embeddings
-    logits = cosine_similarity(embeddings, None if same_set else ref) / temperature
-    pos, neg = _pair_masks(labels, None if same_set else ref_labels, indices, logits.shape[0], logits.shape[1])
-    has_pos = pos.any(1)
+    inv_t = 1.0 / temperature
+    groups = label_groups(labels) if same_set and indices is None else None
+    if groups is None and finite_check is not None:
+        finite_check()  # masks may raise too: keep the checks in their usual order
+        finite_check = None
+    if groups is not None:
+        has_pos = groups.num_pos > 0
+        if not bool(has_pos.any()):
+            if finite_check is not None:
+                finite_check()
+            return zero_loss(embeddings, ref)  # type: ignore[arg-type]
+        return fused_similarity_loss(embeddings, None, _label_kernel(groups, has_pos, inv_t), True, finite_check)
+    batch, ref_size = embeddings.shape[0], ref.shape[0]  # type: ignore[union-attr]
+    pos, neg = _pair_masks(labels, None if same_set else ref_labels, indices, batch, ref_size)
+    num_pos = pos.sum(1)
+    has_pos = num_pos > 0
     if not bool(has_pos.any()):
         return zero_loss(embeddings, ref)  # type: ignore[arg-type]
-    log_denominator, _ = masked_logsumexp(logits, pos | neg)  # A(i): every candidate but i itself
-    pos_logit_sum = torch.where(pos, logits, logits.new_zeros(())).sum(1)
-    num_pos = pos.sum(1)
-    per_anchor = log_denominator - pos_logit_sum / num_pos.clamp_min(1).to(logits.dtype)
-    return per_anchor[has_pos].mean()
+    kernel = _masked_kernel(pos, neg, num_pos, has_pos, inv_t)
+    return fused_similarity_loss(embeddings, None if same_set else ref, kernel)
+
+
+def _label_kernel(groups: LabelGroups, has_pos: Tensor, inv_t: float):
+    """Same set, label positives: A(i) = every j != i, P(i) = the rest of i's class (a gather)."""
+
+    def kernel(unit: Tensor, _ref: Tensor, need_grad: bool, _all_unit: bool) -> tuple[Tensor, SimGrad | None]:
+        batch, dtype = unit.shape[0], unit.dtype
+        hi, lo = exp_limits(dtype, batch)
+        # base-2 logits S/(τ ln 2): exp2 of them is exp(S/τ), and exp2 is the cheaper kernel
+        logits = torch.addmm(unit.new_zeros(()), unit, unit.T, beta=0.0, alpha=inv_t * LOG2E)
+        zero = logits.new_zeros(())
+        pos_logit_sum = torch.where(groups.pos_slots, logits.gather(1, groups.members), zero).sum(1).mul_(LN2)
+        if inv_t <= min(hi, lo):  # |S/τ| <= 1/τ: exp neither overflows nor underflows, no shift
+            shift: Tensor | float = 0.0
+        else:  # row maxima over A(i)
+            logits.fill_diagonal_(float("-inf"))
+            shift = logits.amax(1, keepdim=True)
+            logits.sub_(shift)
+            shift = shift.squeeze(1).mul_(LN2)
+        weights = logits.exp2_()
+        weights.fill_diagonal_(0.0)  # A(i) excludes i
+        denominator = weights.sum(1)
+        npos = groups.num_pos.clamp_min(1).to(dtype)
+        per_anchor = torch.where(has_pos, denominator.log() + shift - pos_logit_sum / npos, zero)
+        count = has_pos.sum().to(dtype)
+        value = per_anchor.sum() / count
+        if not need_grad:
+            return value, None
+        # ∂L/∂S_ij = [i ∈ I] / (|I| τ) · (softmax_A(i)(j) − [j ∈ P(i)] / |P(i)|)
+        scale = has_pos.to(dtype) * (inv_t / count)
+        weights.mul_((scale / denominator).unsqueeze(1))
+        step = torch.where(groups.pos_slots, (scale / npos).neg_().unsqueeze(1), zero)
+        weights.scatter_add_(1, groups.members, step)
+        return value, SimGrad(weights)
+
+    return kernel
+
+
+def _masked_kernel(pos: Tensor, neg: Tensor, num_pos: Tensor, has_pos: Tensor, inv_t: float):
+    """Explicit positive / candidate masks (mined indices or a reference set)."""
+
+    def kernel(unit: Tensor, ref: Tensor, need_grad: bool, _all_unit: bool) -> tuple[Tensor, SimGrad | None]:
+        dtype = unit.dtype
+        logits = (unit * inv_t) @ ref.T
+        zero = logits.new_zeros(())
+        pos_logit_sum = torch.where(pos, logits, zero).sum(1)
+        logits.masked_fill_(~(pos | neg), float("-inf"))
+        peak = logits.amax(1, keepdim=True)
+        peak = torch.where(torch.isfinite(peak), peak, zero)
+        weights = logits.sub_(peak).exp_()  # 0 outside A(i)
+        denominator = weights.sum(1)
+        log_denominator = torch.where(has_pos, denominator, torch.ones_like(denominator)).log() + peak.squeeze(1)
+        npos = num_pos.clamp_min(1).to(dtype)
+        per_anchor = torch.where(has_pos, log_denominator - pos_logit_sum / npos, zero)
+        count = has_pos.sum().to(dtype)
+        value = per_anchor.sum() / count
+        if not need_grad:
+            return value, None
+        scale = has_pos.to(dtype) * (inv_t / count)
+        row = torch.where(has_pos, scale / denominator, zero)
+        grad = weights.mul_(row.unsqueeze(1))
+        grad.sub_(pos * (scale / npos).unsqueeze(1))
+        return value, SimGrad(grad)
+
+    return kernel
 
 
 @LOSSES.register("sup_con")
@@ -116,9 +219,10 @@ class SupConLoss(nn.Module):
         ref_embeddings: Tensor | None = None,
         ref_labels: Tensor | None = None,
     ) -> Tensor:
-        check_inputs(embeddings, labels, ref_embeddings, ref_labels)
-        return sup_con_loss(
-            embeddings, labels, indices, ref_embeddings, ref_labels, temperature=self.temperature
+        check_inputs(embeddings, labels, ref_embeddings, ref_labels, check_finite=False)
+        return _sup_con_loss(
+            embeddings, labels, indices, ref_embeddings, ref_labels, temperature=self.temperature,
+            finite_check=lambda: check_inputs(embeddings, labels, ref_embeddings, ref_labels),
         )
 
     def extra_repr(self) -> str:
