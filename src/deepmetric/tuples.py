@@ -132,9 +132,15 @@ def triplets_to_pairs(triplets: Triplets) -> Pairs:
 
 
 def pair_masks_from_indices(indices: Indices, batch_size: int, ref_size: int) -> tuple[Tensor, Tensor]:
-    """``(B, R)`` masks of the positive and negative pairs named by ``indices`` (pairs or triplets)."""
+    """``(B, R)`` masks of the positive and negative pairs named by ``indices`` (pairs or triplets).
+
+    Triplets ``(a, p, n)`` name the positive pairs ``(a, p)`` and the negative pairs ``(a, n)``;
+    repeated pairs set the same entry (the masks of :func:`triplets_to_pairs`'s unique pairs,
+    without its sort).
+    """
     if is_triplets(indices):
-        indices = triplets_to_pairs(indices)  # type: ignore[arg-type]
+        a, p, n = indices  # type: ignore[misc]
+        indices = (a, p, a, n)
     if not is_pairs(indices):
         raise DataError("indices must be triplets (a, p, n) or pairs (a1, p, a2, n)")
     a1, p, a2, n = indices

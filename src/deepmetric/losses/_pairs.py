@@ -14,7 +14,7 @@ Everything here works on dense ``(B, R)`` matrices and masks (memory O(B·R)); n
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,16 @@ __all__ = [
     "compact_rows",
     "check_triplets",
     "DISTANCE_NAMES",
+    "FUSED_KINDS",
+    "BLOCK_ELEMS",
+    "PairKernel",
+    "SparseGrad",
+    "SPARSE_FRACTION",
+    "fused_pair_loss",
+    "has_positive_label_pair",
+    "has_negative_label_pair",
+    "label_positive_pairs",
+    "resolve_pair_lists",
 ]
 
 DISTANCE_NAMES = ("euclidean", "squared_euclidean", "cosine")
@@ -77,6 +87,14 @@ def paired_distance(x: Tensor, y: Tensor, distance: str) -> Tensor:
     raise ConfigError(f"unknown distance {distance!r}; valid: {', '.join(DISTANCE_NAMES)}")
 
 
+def _in_range(t: Tensor, size: int) -> bool:
+    """``0 <= t < size`` everywhere (one pass over ``t``)."""
+    if t.is_floating_point() or t.dtype == torch.bool:
+        return int(t.min()) >= 0 and int(t.max()) < size
+    lo, hi = torch.aminmax(t)
+    return int(lo) >= 0 and int(hi) < size
+
+
 def resolve_masks(
     labels: Tensor,
     ref_labels: Tensor | None,
@@ -92,23 +110,55 @@ def resolve_masks(
     """
     if indices is None:
         return label_masks(labels, ref_labels)
+    pairs = _validated_pairs(indices, labels.device, batch_size, ref_size)
+    pos, neg = pair_masks_from_indices(pairs, batch_size, ref_size)
+    return pos, neg
+
+
+def _validated_pairs(
+    indices: Indices, device: torch.device, batch_size: int, ref_size: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Check mined ``indices`` (types, ranges: :class:`DataError`) and return them as long pairs
+    ``(a1, p, a2, n)`` on ``device`` (triplets ``(a, p, n)`` become ``(a, p, a, n)``)."""
     if not isinstance(indices, (tuple, list)) or len(indices) not in (3, 4):
         raise DataError("indices must be triplets (a, p, n) or pairs (a1, p, a2, n)")
     for t in indices:
         if not isinstance(t, Tensor) or t.dim() != 1:
             raise DataError("every index tensor must be a 1-D long tensor")
-    n_anchor = [indices[0]] + ([indices[2]] if len(indices) == 4 else [indices[0]])
+    n_anchor = [indices[0]] + ([indices[2]] if len(indices) == 4 else [])
     n_ref = [indices[1]] + ([indices[3]] if len(indices) == 4 else [indices[2]])
     for t in n_anchor:
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= batch_size):
+        if t.numel() and not _in_range(t, batch_size):
             raise DataError(f"anchor index out of range for a batch of {batch_size}")
     for t in n_ref:
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= ref_size):
+        if t.numel() and not _in_range(t, ref_size):
             raise DataError(f"reference index out of range for a reference set of {ref_size}")
-    pos, neg = pair_masks_from_indices(
-        tuple(t.to(labels.device).long() for t in indices), batch_size, ref_size  # type: ignore[arg-type]
-    )
-    return pos, neg
+    idx = [t.to(device).long() for t in indices]
+    if len(idx) == 3:
+        return idx[0], idx[1], idx[0], idx[2]
+    return idx[0], idx[1], idx[2], idx[3]
+
+
+def resolve_pair_lists(
+    labels: Tensor,
+    indices: Indices,
+    batch_size: int,
+    ref_size: int,
+) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
+    """Mined ``indices`` as the positive pairs' index lists and the negative pairs' ``(B, R)`` mask.
+
+    Same pairs (and the same checks and errors) as :func:`resolve_masks`, but the positive side —
+    a few pairs per anchor — is returned like :func:`label_positive_pairs`: ``(rows, cols,
+    row_ptr)``, unique pairs sorted by row then column (``pos_mask.nonzero()`` without the mask).
+    """
+    a1, p, a2, n = _validated_pairs(indices, labels.device, batch_size, ref_size)
+    keys = torch.unique(a1 * ref_size + p)  # sorted
+    rows, cols = keys // ref_size, keys % ref_size
+    row_ptr = torch.zeros(batch_size + 1, dtype=torch.long)
+    torch.cumsum(torch.bincount(rows, minlength=batch_size).cpu(), 0, out=row_ptr[1:])
+    neg = torch.zeros(batch_size, ref_size, dtype=torch.bool, device=labels.device)
+    neg[a2, n] = True  # (2-D indices: no flat-index temporary of the size of the mined set)
+    return (rows, cols, row_ptr), neg
 
 
 def reduce_terms(total: Tensor, count_all: Tensor, count_nonzero: Tensor, reduction: str) -> Tensor:
@@ -252,3 +302,337 @@ def check_triplets(triplets: Indices, batch_size: int, ref_size: int) -> tuple[T
         if min(int(p.min()), int(n.min())) < 0 or max(int(p.max()), int(n.max())) >= ref_size:
             raise DataError(f"reference index out of range for a reference set of {ref_size}")
     return a, p, n
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused pair-matrix losses: value and gradient in one pass over the (B, R) matrix.
+# ---------------------------------------------------------------------------------------------
+#: Matrix kinds understood by :func:`fused_pair_loss`: ``"dot"`` (``x yᵀ``; pass L2-normalised
+#: inputs for cosine similarity), ``"cosine"`` (``1 − x yᵀ`` on L2-normalised inputs, i.e. the cosine
+#: distance), ``"squared_euclidean"`` and ``"euclidean"`` (same values as :mod:`deepmetric.distances`).
+FUSED_KINDS = ("dot", "cosine", "squared_euclidean", "euclidean")
+
+#: Default number of matrix entries per row block: big enough that a block costs far more than an
+#: op dispatch (few ops per call), small enough that its temporaries stay in the last-level cache.
+BLOCK_ELEMS = 1 << 19
+
+
+class PairKernel:
+    """A loss over a pair matrix ``M`` (``(B, R)``) that returns its own gradient ``∂L/∂M``.
+
+    :func:`fused_pair_loss` computes ``M`` in row blocks (``M[r0:r1, c0:]``) and calls
+    :meth:`block` on each; the kernel may overwrite the block (it owns it; for the euclidean kinds
+    it must leave the distances intact, they are needed for the chain rule) and returns ``G`` =
+    ``∂L/∂M`` on that block **divided by** the scale it reports from :meth:`finish` (or ``None``
+    when it produces its gradients in :meth:`finish`, ``"dot"``/``"cosine"`` kinds only). The
+    framework applies the chain rule of the matrix kind to ``G`` in place and keeps only that
+    tensor for the backward pass.
+
+    Attributes:
+        need_grad: set by the framework before the first block (skip ``G`` when ``False``).
+    """
+
+    need_grad: bool = True
+
+    def prepare(self, d2: Tensor, r0: int, r1: int, c0: int) -> None:
+        """Hook on the raw squared distances of a block (euclidean kinds), before the clamp: a
+        kernel may set entries that are not pairs to ``+inf`` (distance ``inf``: no term, zero
+        gradient), which also keeps them out of the near-zero-distance check."""
+
+    def block(self, m: Tensor, r0: int, r1: int, c0: int) -> Tensor | SparseGrad | None:  # pragma: no cover
+        raise NotImplementedError
+
+    def finish(self) -> tuple[Tensor, float, list[Tensor] | None]:  # pragma: no cover
+        """``(value, scale, late_grads)``: the loss (0-dim), the gradient scale, and (optionally)
+        the gradient blocks in the order :meth:`block` saw them."""
+        raise NotImplementedError
+
+
+def _row_blocks(batch: int, width: int, upper: bool, target: int) -> list[tuple[int, int]]:
+    """Row ranges of roughly ``target`` matrix entries each (``width`` columns per row; ``upper``:
+    the block ``[r0, r1)`` spans columns ``r0..width``)."""
+    if target <= 0 or batch * width <= target:
+        return [(0, batch)]
+    out: list[tuple[int, int]] = []
+    r0 = 0
+    while r0 < batch:
+        cols = max(width - r0, 1) if upper else max(width, 1)
+        rows = max(16, min(batch - r0, target // cols))
+        if batch - (r0 + rows) < rows // 2:  # no thin last block
+            rows = batch - r0
+        out.append((r0, r0 + rows))
+        r0 += rows
+    return out
+
+
+class SparseGrad(NamedTuple):
+    """A gradient block given by its non-zero entries: block-local ``rows``, ``cols`` and ``values``
+    (what :meth:`PairKernel.block` may return instead of a dense ``G`` when few entries are active,
+    e.g. hinge losses; the backward then costs O(#entries · D) instead of two matmuls)."""
+
+    rows: Tensor
+    cols: Tensor
+    values: Tensor
+
+
+#: A kernel returns a :class:`SparseGrad` when at most this fraction of a block's entries is
+#: non-zero (below it, gathers and index_add beat the two dense matmuls of the backward).
+SPARSE_FRACTION = 1.0 / 128
+
+
+_NORM_EPS = 1e-12  # F.normalize's default
+
+
+def _normalize_backward(g: Tensor, xn: Tensor, denom: Tensor) -> Tensor:
+    """Gradient through ``xn = x / max(‖x‖, eps)`` (in place on ``g``): ``(g − xn (g·xn)) / ‖x‖``,
+    and ``g / eps`` for the rows whose norm was clamped."""
+    dot = (g * xn).sum(1, keepdim=True)
+    if float(denom.amin()) <= _NORM_EPS:
+        dot.mul_(denom > _NORM_EPS)  # clamped rows: the denominator is a constant
+    return g.addcmul_(xn, dot, value=-1.0).div_(denom)
+
+
+class _FusedPairLoss(torch.autograd.Function):
+    """See :func:`fused_pair_loss`. Saved for the backward: the operands, their norms (``normalize``)
+    and the gradient blocks (dense ``V`` or :class:`SparseGrad` triples), nothing else."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        y: Tensor | None,
+        kind: str,
+        kernel: PairKernel,
+        upper: bool,
+        target: int,
+        normalize: bool,
+    ):
+        same = y is None
+        norms: list[Tensor] = []
+        if normalize:  # F.normalize: x / max(‖x‖, eps)
+            for t in (x,) if same else (x, y):
+                norms.append(torch.linalg.vector_norm(t, dim=1, keepdim=True).clamp_min_(_NORM_EPS))
+            x = x / norms[0]
+            y = None if same else y / norms[1]  # type: ignore[operator]
+        yy = x if same else y
+        assert yy is not None
+        kernel.need_grad = bool(ctx.needs_input_grad[0] or (not same and ctx.needs_input_grad[1]))
+        euclid = kind in ("squared_euclidean", "euclidean")
+        squared = kind == "squared_euclidean"
+        thr = 0.0 if squared else _EPS
+        x2 = y2 = None
+        if euclid:
+            x2 = (x * x).sum(1, keepdim=True)
+            y2 = x2.T if same else (yy * yy).sum(1).unsqueeze(0)
+        one = torch.ones((), dtype=x.dtype, device=x.device)
+        upper = upper and same
+        dense: list[tuple[int, int, int, Tensor]] = []
+        sparse: list[tuple[Tensor, Tensor, Tensor]] = []
+        pending: list[tuple[int, int, int]] = []
+        for r0, r1 in _row_blocks(x.shape[0], yy.shape[0], upper, target):
+            c0 = r0 if upper else 0
+            fails = None
+            if kind == "dot":
+                m = x[r0:r1] @ yy[c0:].T
+            elif kind == "cosine":
+                m = torch.addmm(one, x[r0:r1], yy[c0:].T, beta=1.0, alpha=-1.0)
+            else:
+                assert x2 is not None and y2 is not None
+                m = torch.addmm(x2[r0:r1], x[r0:r1], yy[c0:].T, beta=1.0, alpha=-2.0)
+                m.add_(y2[:, c0:])
+                kernel.prepare(m, r0, r1, c0)
+                if kernel.need_grad and float(m.amin()) < thr:
+                    fails = m < thr  # clamped entries: zero gradient
+                if squared:
+                    m.clamp_min_(0.0)
+                else:
+                    m.clamp_min_(_EPS).sqrt_()
+            g = kernel.block(m, r0, r1, c0)
+            if g is None or not kernel.need_grad:
+                pending.append((r0, r1, c0))
+            elif isinstance(g, SparseGrad):
+                vals = g.values
+                if kind == "euclidean":
+                    vals = vals / m[g.rows, g.cols]
+                if fails is not None:
+                    vals = vals.masked_fill(fails[g.rows, g.cols], 0.0)
+                sparse.append((g.rows + r0, g.cols + c0, vals))
+            else:
+                if kind == "euclidean":
+                    g.div_(m)  # ∂d/∂(d²) = 1 / (2d); the 2 cancels against ∂(d²)/∂x = 2(x − y)
+                if fails is not None:
+                    g.masked_fill_(fails, 0.0)
+                dense.append((r0, r1, c0, g))
+            del m, fails, g
+        value, scale, late = kernel.finish()
+        if late is not None and kernel.need_grad:
+            if euclid:
+                raise RuntimeError("late gradient blocks need a dot/cosine matrix")
+            dense.extend((r0, r1, c0, g) for (r0, r1, c0), g in zip(pending, late))
+        if kind == "cosine":
+            scale = -scale
+        elif squared:
+            scale = 2.0 * scale
+        ctx.kind, ctx.same, ctx.scale = kind, same, float(scale)
+        ctx.coords = [(r0, r1, c0) for r0, r1, c0, _ in dense]
+        ctx.n_sparse = len(sparse)
+        ctx.normalize = normalize
+        # Intermediate tensors through save_for_backward: freed after a backward without retain_graph.
+        ctx.save_for_backward(
+            x, y, *norms, *(g for _, _, _, g in dense), *(t for trip in sparse for t in trip)
+        )
+        return value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        x, y, *saved = ctx.saved_tensors
+        same = ctx.same
+        n_norms = (1 if same else 2) if ctx.normalize else 0
+        norms, saved = saved[:n_norms], saved[n_norms:]
+        vs, flat = saved[: len(ctx.coords)], saved[len(ctx.coords) :]
+        yy = x if same else y
+        euclid = ctx.kind in ("squared_euclidean", "euclidean")
+        need_x = ctx.needs_input_grad[0]
+        need_y = (not same) and ctx.needs_input_grad[1]
+        rows_side = need_x or same
+        cols_side = need_y or same
+        gx = torch.zeros_like(x) if rows_side else None
+        gy = (gx if same else torch.zeros_like(yy)) if cols_side else None
+        # ∂/∂x_i Σ_j V_ij M_ij: dot: V y; euclidean (V already divided by d): rowsum(V) x − V y.
+        for (r0, r1, c0), v in zip(ctx.coords, vs):
+            if gx is not None:
+                gx[r0:r1].addmm_(v, yy[c0:], alpha=-1.0 if euclid else 1.0)
+                if euclid:
+                    gx[r0:r1].addcmul_(x[r0:r1], v.sum(1, keepdim=True))
+            if gy is not None:
+                gy[c0:].addmm_(v.T, x[r0:r1], alpha=-1.0 if euclid else 1.0)
+                if euclid:
+                    gy[c0:].addcmul_(yy[c0:], v.sum(0).unsqueeze(1))
+        for k in range(ctx.n_sparse):
+            rows, cols, vals = flat[3 * k : 3 * k + 3]
+            w = vals.unsqueeze(1)
+            if euclid:
+                diff = (x[rows] - yy[cols]).mul_(w)
+                if gx is not None:
+                    gx.index_add_(0, rows, diff)
+                if gy is not None:
+                    gy.index_add_(0, cols, diff, alpha=-1.0)
+            else:
+                if gx is not None:
+                    gx.index_add_(0, rows, yy[cols].mul_(w))
+                if gy is not None:
+                    gy.index_add_(0, cols, x[rows].mul_(w))
+        factor = grad_out * ctx.scale
+        if same:
+            assert gx is not None
+            gx.mul_(factor)
+            if ctx.normalize:
+                gx = _normalize_backward(gx, x, norms[0])
+            return gx, None, None, None, None, None, None
+        if need_x and gx is not None:
+            gx.mul_(factor)
+            if ctx.normalize:
+                gx = _normalize_backward(gx, x, norms[0])
+        if need_y and gy is not None:
+            gy.mul_(factor)
+            if ctx.normalize:
+                gy = _normalize_backward(gy, yy, norms[1])
+        return (gx if need_x else None), (gy if need_y else None), None, None, None, None, None
+
+
+def fused_pair_loss(
+    x: Tensor,
+    y: Tensor | None,
+    kind: str,
+    kernel: PairKernel,
+    *,
+    upper: bool = False,
+    block_elems: int = BLOCK_ELEMS,
+    normalize: bool = False,
+) -> Tensor:
+    """Evaluate ``kernel`` on the pair matrix of ``x`` (``(B, D)``) against ``y`` (``(R, D)``; ``None``
+    = ``x`` itself) with a hand-written backward.
+
+    Forward: the matrix of ``kind`` (see :data:`FUSED_KINDS`) is built in row blocks of about
+    ``block_elems`` entries (0: one block) — with ``upper`` (batch against itself only) each block
+    ``[r0, r1)`` covers columns ``r0..B`` only, i.e. the upper triangle and the diagonal block — and
+    handed to the kernel, which returns the loss and ``∂L/∂M`` blockwise. Only that gradient is kept;
+    the backward is one in-place ``addmm`` per block and side (``V y`` and ``Vᵀ x``), plus the
+    row/column sums of ``V`` for the euclidean kinds. Euclidean gradients are 0 where the squared
+    distance was clamped (below 0, resp. below ``1e-12`` for ``"euclidean"``), as in
+    :mod:`deepmetric.distances`.
+
+    ``normalize``: L2-normalise ``x``/``y`` first (as :func:`torch.nn.functional.normalize`, with
+    its backward fused in) — for cosine similarities (``"dot"``) and cosine distances (``"cosine"``).
+    """
+    if kind not in FUSED_KINDS:
+        raise ConfigError(f"unknown matrix kind {kind!r}; valid: {', '.join(FUSED_KINDS)}")
+    return _FusedPairLoss.apply(x, y, kind, kernel, bool(upper), int(block_elems), bool(normalize))
+
+
+def has_positive_label_pair(labels: Tensor, ref_labels: Tensor | None = None) -> bool:
+    """Whether some label pair is positive (two batch elements of one class, or a batch element and
+    a reference of one class) — ``label_masks(...)[0].any()`` in O(B log B), no ``(B, R)`` mask."""
+    if ref_labels is None:
+        if labels.numel() < 2:
+            return False
+        s = labels.sort().values
+        return bool((s[1:] == s[:-1]).any())
+    return bool(torch.isin(labels, ref_labels).any())
+
+
+def has_negative_label_pair(labels: Tensor, ref_labels: Tensor | None = None) -> bool:
+    """Whether some label pair is negative (two different classes), without a ``(B, R)`` mask."""
+    ref = labels if ref_labels is None else ref_labels
+    if labels.numel() == 0 or ref.numel() == 0:
+        return False
+    lo = torch.minimum(labels.min(), ref.min())
+    hi = torch.maximum(labels.max(), ref.max())
+    return bool(lo != hi)
+
+
+def label_positive_pairs(
+    labels: Tensor,
+    ref_labels: Tensor | None = None,
+    *,
+    upper: bool = False,
+    max_pairs: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The positive pairs of :func:`~deepmetric.tuples.label_masks` as index lists, without a mask.
+
+    Returns ``(rows, cols, row_ptr)``: ``(rows[k], cols[k])`` for every ``(i, j)`` with
+    ``labels[i] == ref[j]`` (``ref = labels`` and ``i ≠ j`` when ``ref_labels`` is ``None``; with
+    ``upper``, ``j > i`` only), sorted by row then column, and ``row_ptr`` (length ``B + 1``, a CPU
+    long tensor) with row ``i``'s pairs at ``row_ptr[i]:row_ptr[i + 1]``. O(B log B + #pairs): the
+    classes are contiguous runs of the stably sorted labels. ``None`` if there are more than
+    ``max_pairs`` pairs (dense masks are then the better representation).
+    """
+    same = ref_labels is None
+    ref = labels if same else ref_labels
+    device = labels.device
+    order = torch.argsort(ref, stable=True)
+    sorted_ref = ref[order]
+    start = torch.searchsorted(sorted_ref, labels)
+    end = torch.searchsorted(sorted_ref, labels, right=True)
+    if same:
+        # position of i itself in the sorted order; its class members after it have larger indices
+        where = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=device))
+        first = where + 1 if upper else start
+        counts = end - first if upper else end - start - 1
+    else:
+        first, counts = start, end - start
+    ends = torch.cumsum(counts, 0)
+    total = int(ends[-1]) if ends.numel() else 0
+    if max_pairs is not None and total > max_pairs:
+        return None
+    rows = torch.repeat_interleave(counts, output_size=total)
+    offsets = torch.arange(total, device=device) - (ends - counts)[rows]
+    if same and not upper:
+        offsets += offsets >= (where - start)[rows]  # skip i itself
+    cols = order[first[rows] + offsets]
+    row_ptr = torch.zeros(labels.numel() + 1, dtype=torch.long)
+    row_ptr[1:] = ends.cpu()
+    return rows, cols, row_ptr
+
+

@@ -8,9 +8,14 @@ from torch import Tensor, nn
 
 from deepmetric.errors import DataError, NonFiniteError
 from deepmetric.losses._pairs import (
+    BLOCK_ELEMS,
+    SPARSE_FRACTION,
+    PairKernel,
+    SparseGrad,
     check_distance,
     check_reduction,
-    distance_matrix,
+    fused_pair_loss,
+    label_positive_pairs,
     paired_distance,
     reduce_terms,
     resolve_masks,
@@ -31,6 +36,160 @@ def contrastive_pair_terms(
     return hinge * hinge if squared else hinge
 
 
+#: Entries per row block of the fused kernel (see :data:`deepmetric.losses._pairs.BLOCK_ELEMS`).
+_BLOCK = BLOCK_ELEMS
+
+#: Positive pairs go in index lists up to this fraction of all pairs (dense masks beyond).
+_PAIR_LIST_FRACTION = 1 / 8
+
+
+class _ContrastiveKernel(PairKernel):
+    """Contrastive terms and their gradient w.r.t. the distance matrix, block by block.
+
+    Label pairs (``pairs``, the positive pairs as index lists from :func:`label_positive_pairs`):
+    every entry is first treated as a negative pair — ``h = [m − d]₊``, gradient ``−q·h^{q−1}`` —
+    and the positive pairs are then overwritten with ``[d − m_pos]₊`` and its gradient. Entries that
+    are not pairs (self-pairs; with ``upper`` the lower triangle, each visited unordered pair
+    standing for both orders) get distance ``+inf``: no term, zero gradient. Stored gradients are
+    those of negative pairs up to the sign and factor that go into the scale.
+
+    Explicit boolean masks ``pos``/``neg`` (mined pairs; positive wins where both are set): a sign
+    matrix ``s`` (+1 / −1 / 0) and ``h = [s·d + o]₊`` with offset ``o`` (−m_pos / m).
+
+    The hinge is zero for most pairs once the classes are apart: a block with at most
+    :data:`SPARSE_FRACTION` active entries returns them as a :class:`SparseGrad`.
+    """
+
+    def __init__(
+        self,
+        *,
+        margin: float,
+        pos_margin: float,
+        squared: bool,
+        reduction: str,
+        kind: str,
+        pairs: tuple[Tensor, Tensor, Tensor] | None = None,
+        batch: int = 0,
+        width: int = 0,
+        same: bool = False,
+        upper: bool = False,
+        pos: Tensor | None = None,
+        neg: Tensor | None = None,
+    ) -> None:
+        self.margin, self.pos_margin, self.squared, self.reduction = margin, pos_margin, squared, reduction
+        self.kind = kind
+        self.pairs, self.batch, self.width, self.same, self.upper = pairs, batch, width, same, upper
+        self.pos, self.neg = pos, neg
+        self.total = 0.0
+        self.nonzero = 0
+        self.dtype: torch.dtype | None = None
+        self.tri: dict[int, Tensor] = {}
+
+    # -- label pairs -------------------------------------------------------------------------
+    def _not_pairs(self, m: Tensor, r0: int, r1: int, c0: int) -> None:
+        """Distance +inf on the entries that are not pairs (self-pairs, lower triangle)."""
+        if not self.same:
+            return
+        nb = r1 - r0
+        if self.upper:
+            tri = self.tri.get(nb)
+            if tri is None:
+                tri = self.tri[nb] = torch.ones(nb, nb, dtype=torch.bool, device=m.device).tril_()
+            m[:, :nb].masked_fill_(tri, float("inf"))
+        else:
+            m[:, r0 - c0 : r1 - c0].fill_diagonal_(float("inf"))
+
+    def prepare(self, d2: Tensor, r0: int, r1: int, c0: int) -> None:
+        if self.pairs is not None:
+            self._not_pairs(d2, r0, r1, c0)
+
+    def _block_labels(self, m: Tensor, r0: int, r1: int, c0: int) -> Tensor | SparseGrad | None:
+        assert self.pairs is not None
+        if self.kind not in ("euclidean", "squared_euclidean"):
+            self._not_pairs(m, r0, r1, c0)  # (euclidean kinds: done on d² by prepare)
+        rows, cols, ptr = self.pairs
+        lo, hi = int(ptr[r0]), int(ptr[r1])
+        pr, pc = rows[lo:hi] - r0, cols[lo:hi] - c0  # (upper: the list holds j > i only)
+        hinge_p = (m[pr, pc] - self.pos_margin).relu_()
+        hinge = torch.rsub(m, self.margin).relu_()  # every entry as a negative pair
+        hinge[pr, pc] = 0.0
+        active = self._accumulate(hinge, hinge_p)
+        if not self.need_grad:
+            return None
+        # stored: ∂/∂d of −h^q / q (negatives); the scale carries −q
+        grad_p = -hinge_p if self.squared else -hinge_p.sign_()
+        if active + pr.numel() <= SPARSE_FRACTION * hinge.numel():
+            rows, cols = hinge.nonzero(as_tuple=True)
+            vals = hinge[rows, cols] if self.squared else torch.ones(rows.numel(), dtype=m.dtype, device=m.device)
+            return SparseGrad(torch.cat([rows, pr]), torch.cat([cols, pc]), torch.cat([vals, grad_p]))
+        grad = hinge if self.squared else hinge.sign_()
+        grad[pr, pc] = grad_p
+        return grad
+
+    def _accumulate(self, hinge: Tensor, hinge_p: Tensor | None = None) -> int:
+        """Add the terms ``h^q`` (and the non-zero count); return the number of non-zero ``h``."""
+        active = int(torch.count_nonzero(hinge))
+        if self.squared:
+            terms = hinge * hinge
+            self.total += float(terms.sum())
+            if self.reduction == "mean_nonzero":
+                self.nonzero += int(torch.count_nonzero(terms))
+        else:
+            self.total += float(hinge.sum())
+            self.nonzero += active
+        if hinge_p is not None:
+            terms_p = hinge_p * hinge_p if self.squared else hinge_p
+            self.total += float(terms_p.sum())
+            self.nonzero += int(torch.count_nonzero(terms_p))
+        return active
+
+    # -- explicit masks ----------------------------------------------------------------------
+    def _block_masks(self, m: Tensor, r0: int, r1: int, c0: int) -> Tensor | SparseGrad | None:
+        assert self.pos is not None and self.neg is not None
+        one = torch.ones((), dtype=m.dtype, device=m.device)
+        p, n = self.pos[r0:r1, c0:], self.neg[r0:r1, c0:]
+        sgn = n.to(m.dtype).neg_().masked_fill_(p, 1.0)
+        hinge = torch.where(p, -self.pos_margin * one, self.margin * one)
+        hinge.addcmul_(sgn, m).relu_().mul_(sgn).abs_()  # 0 off the pairs (sgn = 0)
+        active = self._accumulate(hinge)
+        if not self.need_grad:
+            return None
+        # stored with the sign convention of the label path: −s·h^{q−1}
+        if active <= SPARSE_FRACTION * hinge.numel():
+            rows, cols = hinge.nonzero(as_tuple=True)
+            vals = sgn[rows, cols].neg_()
+            if self.squared:
+                vals.mul_(hinge[rows, cols])
+            return SparseGrad(rows, cols, vals)
+        if self.squared:
+            return sgn.mul_(hinge).neg_()
+        return sgn.mul_(hinge.sign_()).neg_()
+
+    def block(self, m: Tensor, r0: int, r1: int, c0: int) -> Tensor | SparseGrad | None:
+        self.dtype = m.dtype
+        if self.pairs is not None:
+            return self._block_labels(m, r0, r1, c0)
+        return self._block_masks(m, r0, r1, c0)
+
+    def count_all(self) -> int:
+        if self.pairs is not None:
+            return self.batch * (self.batch - 1) if self.same else self.batch * self.width
+        assert self.pos is not None and self.neg is not None
+        return int((self.pos | self.neg).sum())
+
+    def finish(self) -> tuple[Tensor, float, list[Tensor] | None]:
+        mult = 2 if self.upper else 1  # each visited unordered pair stands for both orders
+        total = self.total * mult
+        if self.reduction == "sum":
+            denom = 1.0
+        elif self.reduction == "mean":
+            denom = float(max(self.count_all(), 1))
+        else:
+            denom = float(max(self.nonzero * mult, 1))
+        value = torch.tensor(total / denom, dtype=self.dtype)
+        return value, -mult * (2.0 if self.squared else 1.0) / denom, None
+
+
 def contrastive_loss(
     embeddings: Tensor,
     labels: Tensor,
@@ -44,21 +203,39 @@ def contrastive_loss(
     squared: bool = True,
     reduction: str = "mean",
 ) -> Tensor:
-    """Functional form of :class:`ContrastiveLoss` (same arguments)."""
+    """Functional form of :class:`ContrastiveLoss` (same arguments).
+
+    One fused pass over the distance matrix (row blocks; the upper triangle only for a batch
+    against itself) computes the loss and ``∂L/∂D``; the backward is a matmul per block.
+    """
     check_distance(distance)
     check_reduction(reduction, _REDUCTIONS)
     same_set = ref_embeddings is None
     ref, ref_lab = check_inputs(embeddings, labels, ref_embeddings, ref_labels)
     batch, ref_size = embeddings.shape[0], ref.shape[0]
-    pos, neg = resolve_masks(labels, None if same_set else ref_lab, indices, batch, ref_size)
-    if not bool(pos.any()):
-        return zero_loss(embeddings, None if same_set else ref)
-    dist = distance_matrix(embeddings, embeddings if same_set else ref, distance)
-    terms = contrastive_pair_terms(dist, pos, margin=margin, pos_margin=pos_margin, squared=squared)
-    keep = pos | neg
-    kept = torch.where(keep, terms, torch.zeros_like(terms))
-    nonzero = (kept > 0).sum() if reduction == "mean_nonzero" else keep.sum()
-    return reduce_terms(kept.sum(), keep.sum(), nonzero, reduction)
+    common = dict(
+        margin=float(margin), pos_margin=float(pos_margin), squared=bool(squared), reduction=reduction, kind=distance
+    )
+    pairs = None
+    if indices is None:
+        # positive pairs as index lists (upper triangle only for a batch against itself)
+        limit = int(_PAIR_LIST_FRACTION * batch * ref_size / (2 if same_set else 1))
+        pairs = label_positive_pairs(labels, None if same_set else ref_lab, upper=same_set, max_pairs=limit)
+        if pairs is not None and pairs[0].numel() == 0:
+            return zero_loss(embeddings, None if same_set else ref)
+    if pairs is not None:
+        kernel = _ContrastiveKernel(
+            pairs=pairs, batch=batch, width=ref_size, same=same_set, upper=same_set, **common  # type: ignore[arg-type]
+        )
+    else:
+        pos, neg = resolve_masks(labels, None if same_set else ref_lab, indices, batch, ref_size)
+        if not bool(pos.any()):
+            return zero_loss(embeddings, None if same_set else ref)
+        kernel = _ContrastiveKernel(pos=pos, neg=neg, **common)  # type: ignore[arg-type]
+    y = None if same_set else ref
+    return fused_pair_loss(
+        embeddings, y, distance, kernel, upper=kernel.upper, block_elems=_BLOCK, normalize=distance == "cosine"
+    )
 
 
 @LOSSES.register("contrastive")

@@ -4,14 +4,131 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepmetric.losses._pairs import check_distance, distance_matrix, masked_logsumexp, resolve_masks
+from deepmetric.losses._pairs import (
+    PairKernel,
+    check_distance,
+    fused_pair_loss,
+    label_positive_pairs,
+    resolve_masks,
+)
 from deepmetric.registry import LOSSES
 from deepmetric.tuples import Indices, check_inputs, zero_loss
 
 __all__ = ["LiftedStructureLoss", "lifted_structure_loss"]
+
+
+#: Positive pairs go in index lists up to this fraction of all pairs (dense masks beyond).
+_PAIR_LIST_FRACTION = 1 / 8
+
+
+class _LiftedKernel(PairKernel):
+    """Lifted structured loss and its gradient w.r.t. the whole distance matrix ``D`` (one block).
+
+    Row (and column) log-sum-exps ``r_i = log Σ_{(i,k) ∈ N} e^{α − D_ik}`` are computed densely
+    with a max shift; the positive pairs (a short index list) are handled on their own:
+    ``J̃_ij = logaddexp(r_i, c_j) + D_ij``, ``∂L/∂J̃_ij = [J̃_ij]₊ / |P|``, and
+    ``∂L/∂D_ik = [(i,k) ∈ P] ∂L/∂J̃_ik − g_i·softmax_k(α − D_i·) − g'_k·softmax_i(α − D_·k)`` with
+    ``g_i = Σ_j ∂L/∂J̃_ij σ(r_i − c_j)`` (rows) and ``g'_j = Σ_i ∂L/∂J̃_ij σ(c_j − r_i)`` (columns;
+    the same as the rows when the reference set is the batch).
+
+    Label pairs of a batch against itself (``pairs``, no masks): the negatives are every entry but
+    the positives and the diagonal (distance ``+inf`` there), so no ``(B, B)`` mask is built.
+    """
+
+    def __init__(
+        self,
+        *,
+        margin: float,
+        kind: str,
+        same: bool,
+        pos: Tensor | None = None,
+        neg: Tensor | None = None,
+        pairs: tuple[Tensor, Tensor, Tensor] | None = None,
+    ) -> None:
+        self.margin, self.kind, self.same = margin, kind, same
+        self.pos, self.neg, self.pairs = pos, neg, pairs
+        self.result: tuple[Tensor, float] | None = None
+
+    def prepare(self, d2: Tensor, r0: int, r1: int, c0: int) -> None:
+        if self.pairs is not None:
+            d2.fill_diagonal_(float("inf"))  # not a pair (and no near-zero distance)
+
+    def _lse(self, d: Tensor, mask: Tensor | None, dim: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(e^{l − peak} (0 off the mask), their sums (1 if none), lse)`` along ``dim``; without
+        a mask the label negatives (see the class docstring)."""
+        logits = torch.rsub(d, self.margin)
+        if mask is not None:
+            torch.where(mask, logits, torch.full((), float("-inf"), dtype=d.dtype, device=d.device), out=logits)
+        else:
+            assert self.pairs is not None
+            rows, cols, _ = self.pairs
+            logits[rows, cols] = float("-inf")
+            logits.fill_diagonal_(float("-inf"))
+        peak = logits.amax(dim, keepdim=True)
+        peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+        e = logits.sub_(peak).exp_()
+        total = e.sum(dim, keepdim=True)
+        safe = torch.where(total > 0, total, torch.ones_like(total))
+        return e, safe, (torch.log(safe) + peak).squeeze(dim)
+
+    def block(self, d: Tensor, r0: int, r1: int, c0: int) -> Tensor | None:
+        assert r0 == 0 and c0 == 0 and r1 == d.shape[0], "the lifted kernel takes the whole matrix"
+        very_negative = torch.finfo(d.dtype).min / 4
+        if self.pairs is not None:
+            if self.kind not in ("euclidean", "squared_euclidean"):
+                d.fill_diagonal_(float("inf"))  # (euclidean kinds: done on d² by prepare)
+            a, p, ptr = self.pairs
+            n_pos = a.numel()
+            e_row, s_row, r = self._lse(d, None, 1)
+            # row i has a negative unless its class fills the whole batch
+            row_any = (ptr[1:] - ptr[:-1]).to(d.device) < d.shape[1] - 1
+            e_col = s_col = None
+            c, col_any = r, row_any
+        else:
+            assert self.pos is not None and self.neg is not None
+            pos, neg = self.pos, self.neg
+            # Negative pairs are unordered when the reference set is the batch: (j, l) ∈ N either way.
+            neg_rows = neg | neg.T if self.same else neg
+            row_any = neg_rows.any(1)
+            e_row, s_row, r = self._lse(d, neg_rows, 1)
+            if self.same:
+                e_col = s_col = None
+                c, col_any = r, row_any
+            else:
+                col_any = neg.any(0)
+                e_col, s_col, c = self._lse(d, neg, 0)
+            n_pos = int(pos.sum())
+            a, p = pos.nonzero(as_tuple=True)
+        r = torch.where(row_any, r, torch.full_like(r, very_negative))
+        if e_col is not None:
+            c = torch.where(col_any, c, torch.full_like(c, very_negative))
+        else:
+            c = r
+        keep = row_any[a] | col_any[p]  # a positive pair without any negative contributes 0
+        a, p = a[keep], p[keep]
+        ra, cp = r[a], c[p]
+        lae = torch.logaddexp(ra, cp)
+        t = (lae + d[a, p]).relu_()
+        total = (t * t).sum()
+        self.result = (total / (2.0 * n_pos), 1.0 / n_pos)
+        if not self.need_grad:
+            return None
+        # ∂L/∂J̃ = t / |P| (1/|P| in the scale)
+        g_row = torch.zeros_like(r).index_add_(0, a, t * torch.exp(ra - lae))
+        g_col = torch.zeros_like(c).index_add_(0, p, t * torch.exp(cp - lae))
+        if e_col is None:
+            g_row.add_(g_col)
+        grad = e_row.mul_(g_row.div_(s_row.squeeze(1)).neg_().unsqueeze(1))
+        if e_col is not None and s_col is not None:
+            grad.addcmul_(e_col, g_col.div_(s_col.squeeze(0)).unsqueeze(0), value=-1.0)
+        return grad.index_put_((a, p), t, accumulate=True)
+
+    def finish(self) -> tuple[Tensor, float, list[Tensor] | None]:
+        assert self.result is not None
+        value, scale = self.result
+        return value, scale, None
 
 
 def lifted_structure_loss(
@@ -24,35 +141,29 @@ def lifted_structure_loss(
     margin: float = 1.0,
     distance: str = "euclidean",
 ) -> Tensor:
-    """Functional form of :class:`LiftedStructureLoss` (same arguments)."""
+    """Functional form of :class:`LiftedStructureLoss` (same arguments).
+
+    One fused pass over the distance matrix computes the loss and ``∂L/∂D``; the backward is a
+    matmul per side.
+    """
     check_distance(distance)
     same_set = ref_embeddings is None
     ref, ref_lab = check_inputs(embeddings, labels, ref_embeddings, ref_labels)
     batch, ref_size = embeddings.shape[0], ref.shape[0]
-    pos, neg = resolve_masks(labels, None if same_set else ref_lab, indices, batch, ref_size)
-    if not bool(pos.any()):
-        return zero_loss(embeddings, None if same_set else ref)
-    dist = distance_matrix(embeddings, embeddings if same_set else ref, distance)
-    logits = margin - dist
-    if same_set:
-        # Negative pairs are unordered: (j, l) ∈ N whichever way round it was given.
-        neg_sym = neg | neg.T
-        row_lse, row_any = masked_logsumexp(logits, neg_sym, dim=1)
-        col_lse, col_any = row_lse, row_any
+    pairs = None
+    if indices is None and same_set:
+        pairs = label_positive_pairs(labels, max_pairs=int(_PAIR_LIST_FRACTION * batch * batch))
+        if pairs is not None and pairs[0].numel() == 0:
+            return zero_loss(embeddings)
+    if pairs is not None:
+        kernel = _LiftedKernel(margin=float(margin), kind=distance, same=True, pairs=pairs)
     else:
-        # i indexes the batch (its negatives are references), j the references (negatives: batch).
-        row_lse, row_any = masked_logsumexp(logits, neg, dim=1)
-        col_lse, col_any = masked_logsumexp(logits, neg, dim=0)
-    # log(Σ_k e^{α−D_ik} + Σ_l e^{α−D_jl}); an empty side contributes e^{-inf} = 0.
-    very_negative = torch.finfo(dist.dtype).min / 4
-    r = torch.where(row_any, row_lse, torch.full_like(row_lse, very_negative)).unsqueeze(1)
-    c = torch.where(col_any, col_lse, torch.full_like(col_lse, very_negative)).unsqueeze(0)
-    has_negative = row_any.unsqueeze(1) | col_any.unsqueeze(0)
-    j_tilde = torch.logaddexp(r, c) + dist
-    terms = F.relu(j_tilde).pow(2)
-    keep = pos & has_negative
-    total = torch.where(keep, terms, torch.zeros_like(terms)).sum()
-    return total / (2.0 * pos.sum().to(total.dtype))
+        pos, neg = resolve_masks(labels, None if same_set else ref_lab, indices, batch, ref_size)
+        if not bool(pos.any()):
+            return zero_loss(embeddings, None if same_set else ref)
+        kernel = _LiftedKernel(margin=float(margin), kind=distance, same=same_set, pos=pos, neg=neg)
+    y = None if same_set else ref
+    return fused_pair_loss(embeddings, y, distance, kernel, block_elems=0, normalize=distance == "cosine")
 
 
 @LOSSES.register("lifted_structure")

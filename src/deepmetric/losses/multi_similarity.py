@@ -1,17 +1,145 @@
 """Multi-similarity loss (Wang et al.) on cosine similarities of all or mined pairs."""
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
+import torch
 from torch import Tensor, nn
 
-from deepmetric.distances import cosine_similarity
 from deepmetric.errors import ConfigError
-from deepmetric.losses._pairs import masked_log1p_sum_exp, resolve_masks
+from deepmetric.losses._pairs import (
+    BLOCK_ELEMS,
+    PairKernel,
+    fused_pair_loss,
+    has_positive_label_pair,
+    label_positive_pairs,
+    resolve_pair_lists,
+)
 from deepmetric.registry import LOSSES
 from deepmetric.tuples import Indices, check_inputs, zero_loss
 
 __all__ = ["MultiSimilarityLoss", "multi_similarity_loss"]
+
+
+#: Entries per row block of the fused kernel (see :data:`deepmetric.losses._pairs.BLOCK_ELEMS`).
+_BLOCK = BLOCK_ELEMS
+
+#: Positive pairs go in index lists up to this fraction of all pairs (dense masks beyond).
+_PAIR_LIST_FRACTION = 1 / 8
+
+
+class _MultiSimilarityKernel(PairKernel):
+    """Both log-sum-exp terms of every anchor and their gradient w.r.t. the similarity matrix.
+
+    For anchor ``i`` with ``E⁺_ik = e^{−α(S_ik − λ)}`` (positives) and ``E⁻_ik = e^{β(S_ik − λ)}``
+    (negatives), ``s± = Σ_k E±_ik``: the loss adds ``log(1 + s⁺)/α + log(1 + s⁻)/β`` and
+    ``∂/∂S_ik = −E⁺_ik/(1 + s⁺)`` resp. ``E⁻_ik/(1 + s⁻)``. Rows are processed in blocks.
+
+    Sparse path (the exponents are bounded because ``|S| ≤ 1``): the negatives are dense —
+    ``e^{βS}`` on the block (the constant ``e^{−βλ}`` goes into the per-row factors), zeroed off
+    the negative pairs — and the positives, a short index list (:func:`label_positive_pairs` or the
+    mined positive pairs), are evaluated on their own and added to the gradient. Otherwise (large
+    ``α``/``β``) each part is shifted by its row maximum (``max(0, max_k a_ik)``) on dense masks.
+    """
+
+    def __init__(
+        self,
+        *,
+        alpha: float,
+        beta: float,
+        base: float,
+        batch: int,
+        width: int,
+        dtype: torch.dtype,
+        same: bool = False,
+        pairs: tuple[Tensor, Tensor, Tensor] | None = None,
+        labels: Tensor | None = None,
+        col_labels: Tensor | None = None,
+        pos: Tensor | None = None,
+        neg: Tensor | None = None,
+    ) -> None:
+        self.alpha, self.beta, self.base = alpha, beta, base
+        self.batch = batch
+        self.same = same
+        self.pairs = pairs
+        self.labels, self.col_labels = labels, col_labels
+        self.pos, self.neg = pos, neg
+        self.dtype = dtype
+        # |S| <= 1 (+ rounding): e^{βS} stays finite, also summed over a row, and normal.
+        limit = math.log(torch.finfo(dtype).max) - math.log(width + 1.0) - 2.0
+        self.sparse = (
+            pairs is not None and beta * 1.01 < limit and beta * abs(base) < 600 and alpha * (1 + abs(base)) < 600
+        )
+        self.total = 0.0
+
+    def block(self, s: Tensor, r0: int, r1: int, c0: int) -> Tensor | None:
+        if self.sparse:
+            return self._block_sparse(s, r0, r1)
+        return self._block_shifted(s, r0, r1)
+
+    def _block_sparse(self, s: Tensor, r0: int, r1: int) -> Tensor | None:
+        assert self.pairs is not None
+        rows, cols, ptr = self.pairs
+        lo, hi = int(ptr[r0]), int(ptr[r1])
+        pr, pc = rows[lo:hi] - r0, cols[lo:hi]
+        sim_p = s[pr, pc].double()
+        e = s.mul_(self.beta).exp_()  # e^{βS}
+        if self.neg is not None:
+            e.mul_(self.neg[r0:r1])
+        else:  # label pairs: everything but the positives and self
+            e[pr, pc] = 0.0
+            if self.same:
+                e[:, r0:r1].fill_diagonal_(0.0)
+        shift = math.exp(-self.beta * self.base)
+        s_neg = e.sum(1).double().mul_(shift)
+        e_pos = torch.exp((sim_p - self.base) * -self.alpha)
+        s_pos = torch.zeros(r1 - r0, dtype=torch.float64, device=s.device).index_add_(0, pr, e_pos)
+        self.total += float(torch.log1p(s_pos).sum() / self.alpha + torch.log1p(s_neg).sum() / self.beta)
+        if not self.need_grad:
+            return None
+        # G = E⁻/(1 + s⁻) − E⁺/(1 + s⁺)
+        e.mul_((s_neg.add_(1.0).reciprocal_().mul_(shift)).to(e.dtype).unsqueeze(1))
+        g_pos = (e_pos / s_pos.add_(1.0)[pr]).neg_().to(e.dtype)
+        return e.index_put_((pr, pc), g_pos, accumulate=True)
+
+    def _masks(self, r0: int, r1: int) -> tuple[Tensor, Tensor | None]:
+        """``(positive, negative)`` masks of rows ``r0:r1``; label mode: ``(same class, None)``
+        (the negatives are the complement; self-pairs are removed from the values instead)."""
+        if self.labels is not None:
+            assert self.col_labels is not None
+            return self.labels[r0:r1].unsqueeze(1) == self.col_labels.unsqueeze(0), None
+        assert self.pos is not None and self.neg is not None
+        return self.pos[r0:r1], self.neg[r0:r1]
+
+    def _part(self, s: Tensor, mask: Tensor | None, p: Tensor, coef: float, r0: int, r1: int) -> tuple[Tensor, Tensor]:
+        """One part with a row shift: (``E/(e^{−m} + Σ E)`` with shift ``m``, per-row log term)."""
+        logits = (s - self.base).mul_(coef)
+        ninf = torch.full((), float("-inf"), dtype=s.dtype, device=s.device)
+        if mask is None:  # label mode, negatives: the complement of p
+            logits.masked_fill_(p, float("-inf"))
+        else:
+            torch.where(mask, logits, ninf, out=logits)
+            if self.labels is not None and self.same:
+                logits[:, r0:r1].fill_diagonal_(float("-inf"))
+        shift = logits.amax(1, keepdim=True).clamp_min_(0.0)  # -inf (empty row) -> 0
+        e = logits.sub_(shift).exp_()
+        denom = torch.exp(-shift).add_(e.sum(1, keepdim=True))
+        term = shift + torch.log(denom)
+        return e.div_(denom), term
+
+    def _block_shifted(self, s: Tensor, r0: int, r1: int) -> Tensor | None:
+        p, n = self._masks(r0, r1)
+        gp, tp = self._part(s, p, p, -self.alpha, r0, r1)
+        gn, tn = self._part(s, n, p, self.beta, r0, r1)
+        self.total += float((tp.sum(dtype=torch.float64) / self.alpha) + (tn.sum(dtype=torch.float64) / self.beta))
+        if not self.need_grad:
+            return None
+        return gn.sub_(gp)
+
+    def finish(self) -> tuple[Tensor, float, list[Tensor] | None]:
+        value = torch.tensor(self.total / self.batch, dtype=self.dtype)
+        return value, 1.0 / self.batch, None
 
 
 def multi_similarity_loss(
@@ -25,17 +153,39 @@ def multi_similarity_loss(
     beta: float = 50.0,
     base: float = 1.0,
 ) -> Tensor:
-    """Functional form of :class:`MultiSimilarityLoss` (same arguments)."""
+    """Functional form of :class:`MultiSimilarityLoss` (same arguments).
+
+    One fused pass over the cosine-similarity matrix (row blocks) computes the loss and ``∂L/∂S``;
+    the backward is a matmul per block.
+    """
     same_set = ref_embeddings is None
     ref, ref_lab = check_inputs(embeddings, labels, ref_embeddings, ref_labels)
     batch, ref_size = embeddings.shape[0], ref.shape[0]
-    pos, neg = resolve_masks(labels, None if same_set else ref_lab, indices, batch, ref_size)
-    if not bool(pos.any()):
-        return zero_loss(embeddings, None if same_set else ref)
-    sim = cosine_similarity(embeddings, None if same_set else ref)
-    pos_term = masked_log1p_sum_exp(-alpha * (sim - base), pos) / alpha
-    neg_term = masked_log1p_sum_exp(beta * (sim - base), neg) / beta
-    return (pos_term + neg_term).mean()
+    common = dict(
+        alpha=float(alpha), beta=float(beta), base=float(base), batch=batch, width=ref_size, dtype=embeddings.dtype
+    )
+    col_lab = labels if same_set else ref_lab
+    if indices is None:
+        limit = int(_PAIR_LIST_FRACTION * batch * ref_size)
+        pairs = label_positive_pairs(labels, None if same_set else ref_lab, max_pairs=limit)
+        if pairs is None:
+            if not has_positive_label_pair(labels, None if same_set else ref_lab):
+                return zero_loss(embeddings, None if same_set else ref)
+        elif pairs[0].numel() == 0:
+            return zero_loss(embeddings, None if same_set else ref)
+        kernel = _MultiSimilarityKernel(pairs=pairs, labels=labels, col_labels=col_lab, same=same_set, **common)
+        if not kernel.sparse:  # dense label masks, row-shifted
+            kernel.pairs = None
+    else:
+        pairs, neg = resolve_pair_lists(labels, indices, batch, ref_size)
+        if pairs[0].numel() == 0:
+            return zero_loss(embeddings, None if same_set else ref)
+        kernel = _MultiSimilarityKernel(pairs=pairs, neg=neg, **common)
+        if not kernel.sparse:  # dense masks, row-shifted
+            pos = torch.zeros_like(neg)
+            pos[pairs[0], pairs[1]] = True
+            kernel.pos, kernel.pairs = pos, None
+    return fused_pair_loss(embeddings, None if same_set else ref, "dot", kernel, block_elems=_BLOCK, normalize=True)
 
 
 @LOSSES.register("multi_similarity")
