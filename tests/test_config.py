@@ -18,11 +18,17 @@ def test_defaults_are_the_default_job() -> None:
     c = Config()
     assert c.data.name == "fashion_mnist" and c.data.protocol == "closed"
     assert c.model.name == "small_cnn"
-    assert c.loss.name == "sup_con" and c.miner is None
-    assert [e.name for e in c.extra_losses] == ["facility_location"]
+    assert c.loss.name == "triplet_margin" and c.miner is not None and c.miner.name == "semi_hard"
+    assert [(e.name, e.args["weight"]) for e in c.extra_losses] == [("proxy_anchor", 0.03)]
     assert c.sampler.name == "m_per_class"
     # replacing the loss drops the default's extra term unless extra_losses is given
     assert config_from_dict({"loss": {"name": "contrastive"}}).extra_losses == ()
+    # ... and its miner, unless [miner] is given
+    assert config_from_dict({"loss": {"name": "contrastive"}}).miner is None
+    kept_miner = config_from_dict({"loss": {"name": "contrastive"}, "miner": {"name": "hard"}}).miner
+    assert kept_miner is not None and kept_miner.name == "hard"
+    tuned = config_from_dict({"miner": {"margin": 0.3}}).miner
+    assert tuned is not None and tuned.name == "semi_hard" and tuned.args == {"margin": 0.3}
     kept = config_from_dict({"loss": {"name": "contrastive"}, "extra_losses": [{"name": "center", "weight": 0.1}]})
     assert [e.name for e in kept.extra_losses] == ["center"]
     none = config_from_dict({"extra_losses": []})
