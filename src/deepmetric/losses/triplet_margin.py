@@ -19,16 +19,22 @@ from deepmetric.losses._pairs import (
     resolve_masks,
     row_hinge_sums,
 )
+from deepmetric.miners._blocks import LabelGroups, Operands, Scratch, big, block_loss, block_rows, supported
+from deepmetric.miners._blocks import check_inputs as fast_check_inputs
 from deepmetric.registry import LOSSES
-from deepmetric.tuples import Indices, check_inputs, is_triplets, zero_loss
+from deepmetric.tuples import Indices, is_pairs, is_triplets, zero_loss
 
 __all__ = ["TripletMarginLoss", "triplet_margin_loss", "triplet_margin_loss_explicit"]
 
 _REDUCTIONS = ("mean_nonzero", "mean", "sum")
+_EPS = 1e-12  # the clamp of paired_distance
 # Elements of the (anchor chunk, positives, references) block used by the soft-margin path.
 _SOFT_CHUNK_ELEMENTS = 1 << 22
 # Up to this many positives per anchor the hinge is summed slot by slot (cheaper than sorting).
 _DENSE_POSITIVE_SLOTS = 8
+# Explicit triplets: with fewer than (B·R) / this many triplets the distances are computed per triplet
+# from the gathered embeddings (O(T·D)); with more, from the (B, R) distance blocks (one matmul).
+_PER_TRIPLET_RATIO = 32
 
 
 def _terms(d_ap: Tensor, d_an: Tensor, margin: float, soft_margin: bool) -> Tensor:
@@ -45,6 +51,60 @@ def triplet_margin_loss_explicit(
     terms = _terms(d_ap, d_an, margin, soft_margin)
     count_all = torch.tensor(terms.numel(), device=terms.device)
     return reduce_terms(terms.sum(), count_all, (terms > 0).sum(), reduction)
+
+
+class _PairedTriplets(torch.autograd.Function):
+    """Terms of few explicit triplets from the gathered embeddings (``‖x_a − y_p‖``, ``‖x_a − y_n‖``):
+    value, non-zero count and the gradient in one pass (instead of autograd through a dozen
+    ``(T, D)`` operations). Euclidean and squared euclidean; same formulas as :func:`paired_distance`."""
+
+    @staticmethod
+    def forward(ctx, x, y, a, p, n, margin, soft_margin, squared, want_grad):  # type: ignore[override]
+        ref = x if y is None else y
+        scratch = Scratch("_PairedTriplets")  # work buffers (a fresh (T, D) buffer costs page faults)
+        shape = (a.numel(), x.shape[1])
+        xa = torch.index_select(x, 0, a, out=scratch.get("xa", shape, x.dtype, x.device))
+        dp = torch.index_select(ref, 0, p, out=scratch.get("dp", shape, x.dtype, x.device))
+        dp = torch.sub(xa, dp, out=dp)
+        dn = torch.index_select(ref, 0, n, out=scratch.get("dn", shape, x.dtype, x.device))
+        dn = torch.sub(xa, dn, out=dn)
+        sp = torch.bmm(dp.unsqueeze(1), dp.unsqueeze(2)).view(-1)  # row-wise squared norms, no (T, D) temporary
+        sn = torch.bmm(dn.unsqueeze(1), dn.unsqueeze(2)).view(-1)
+        if squared:
+            d_ap, d_an = sp, sn
+        else:
+            d_ap, d_an = sp.clamp_min(_EPS).sqrt(), sn.clamp_min(_EPS).sqrt()
+        z = d_ap - d_an
+        if soft_margin:
+            terms = F.softplus(z)
+            weight = torch.sigmoid(z)
+        else:
+            terms = z.add_(margin).clamp_min_(0.0)
+            weight = torch.sign(terms)
+        total, count = terms.sum(), (terms > 0).sum()
+        ctx.mark_non_differentiable(count)
+        if want_grad:
+            if squared:
+                cp = weight * 2.0
+                cn = cp
+            else:  # d sqrt(max(s, eps)) / d s passes where s >= eps
+                cp = (weight / d_ap).mul_(sp >= _EPS)
+                cn = (weight / d_an).mul_(sn >= _EPS)
+            dp.mul_(cp[:, None])
+            dn.mul_(cn[:, None])
+            gx = torch.zeros_like(x)
+            gx.index_add_(0, a, torch.sub(dp, dn, out=xa))
+            gy = gx if y is None else torch.zeros_like(y)
+            gy.index_add_(0, p, dp, alpha=-1.0)
+            gy.index_add_(0, n, dn)
+            ctx.save_for_backward(gx, None if y is None else gy)
+        return total, count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total, _grad_count):  # type: ignore[override]
+        gx, gy = ctx.saved_tensors
+        return gx * grad_total, None if gy is None else gy * grad_total, None, None, None, None, None, None, None
 
 
 class _SlotHingeSum(torch.autograd.Function):
@@ -116,6 +176,388 @@ def _all_triplets_sum(
         count = count + keep.sum()
     return total, count
 
+def _strictly_increasing(t: Tensor) -> bool:
+    return t.numel() < 2 or bool((t[1:] > t[:-1]).all())
+
+
+def _positives_from_pairs(a1: Tensor, p: Tensor, batch: int, ref_size: int) -> tuple[Tensor, Tensor]:
+    """The distinct positive pairs ``(a1, p)`` as padded per-anchor ``(B, W)`` reference indices."""
+    flat = torch.add(p, a1, alpha=ref_size)
+    if not _strictly_increasing(flat):
+        flat = torch.unique(flat)  # sorted and de-duplicated: the pairs form a set
+        a1 = torch.div(flat, ref_size, rounding_mode="floor")
+        p = flat - a1 * ref_size
+    counts = torch.bincount(a1, minlength=batch)
+    width = int(counts.max()) if counts.numel() else 0
+    slot = torch.arange(a1.numel(), device=a1.device) - (torch.cumsum(counts, 0) - counts)[a1]
+    cols = torch.zeros(batch, width, dtype=torch.long, device=a1.device)
+    valid = torch.zeros(batch, width, dtype=torch.bool, device=a1.device)
+    cols[a1, slot] = p
+    valid[a1, slot] = True
+    return cols, valid
+
+
+class _SlotHinge:
+    """Block kernel of ``S = Σ_{a, p, n} [d_ap + m − d_an]₊`` over each anchor's positives ``p`` (padded
+    ``(B, W)`` indices) and negatives ``n`` (cells whose penalty is 0).
+
+    Per positive slot the row is compared once with the threshold ``t_p = d_ap + m``:
+    ``c_n = #{p : d_an < t_p}`` and ``k_p = #{n : d_an < t_p}``, so that
+    ``S = Σ_p t_p·k_p − Σ_n c_n·d_an``, ``∂S/∂d_an = −c_n`` and ``∂S/∂d_ap = k_p`` (exact counts).
+    """
+
+    def __init__(self, margin: float, pidx: Tensor, pvalid: Tensor, negatives) -> None:
+        self.margin = margin
+        self.pidx, self.pvalid = pidx, pvalid
+        self.negatives = negatives  # (d, start, end, out) -> d + penalty (penalty huge off the negatives)
+        self.scratch = Scratch("_SlotHinge")
+        self._tpen: Tensor | None = None
+
+    def __call__(self, d: Tensor, start: int, end: int, want_grad: bool):
+        rows, cols = d.shape
+        pidx, pvalid = self.pidx[start:end], self.pvalid[start:end]
+        width = pidx.shape[1]
+        if width == 0:
+            return (torch.zeros((), dtype=torch.float64, device=d.device),
+                    torch.zeros((), dtype=torch.long, device=d.device), None, None)
+        if self._tpen is None:
+            self._tpen = torch.zeros(self.pidx.shape, dtype=d.dtype, device=d.device).masked_fill_(~self.pvalid, float("-inf"))
+        sc = self.scratch
+        t = d.gather(1, pidx).add_(self.margin).add_(self._tpen[start:end])  # -inf on padding slots
+        dn = self.negatives(d, start, end, sc.get("dn", (rows, cols), d.dtype, d.device))
+        c, cnt = self._slots(t, dn, sc)
+        tz = torch.where(pvalid, t, torch.zeros((), dtype=t.dtype, device=t.device))
+        # row sums in the working dtype, accumulated in float64 across rows (the two sums nearly cancel)
+        value = (tz * cnt).sum(1).double().sum() - torch.mul(c, d, out=dn).sum(1).double().sum()
+        count = cnt.sum(1).double().sum().round().long()
+        if not want_grad:
+            return value, count, None, None
+        grad = c.neg_()
+        grad.scatter_add_(1, pidx, cnt)  # padding slots carry a zero count
+        return value, count, grad, None
+
+    @staticmethod
+    def _slots(t: Tensor, dn: Tensor, sc: Scratch) -> tuple[Tensor, Tensor]:
+        """One vectorised comparison of the row per threshold (measured faster on CPU than sorting the
+        row or a vectorised binary search among the sorted thresholds, up to W = 127)."""
+        rows, cols = dn.shape
+        width = t.shape[1]
+        c = sc.get("c", (rows, cols), dn.dtype, dn.device)
+        cnt = torch.empty(rows, width, dtype=dn.dtype, device=dn.device)
+        torch.lt(dn, t[:, :1], out=c)
+        cnt[:, 0] = c.sum(1)
+        if width > 1:
+            act = sc.get("act", (rows, cols), dn.dtype, dn.device)
+            for j in range(1, width):
+                torch.lt(dn, t[:, j : j + 1], out=act)
+                cnt[:, j] = act.sum(1)
+                c.add_(act)
+        return c, cnt
+
+
+def _label_negatives(groups: LabelGroups):
+    return lambda d, start, end, out: groups.push(out.copy_(d), start, end)
+
+
+def _pair_negatives(cells: "PairCells", counts: Tensor, big: float):
+    """Negatives given as pairs: huge everywhere but on the block's negative cells; records the counts."""
+
+    def negatives(d: Tensor, start: int, end: int, out: Tensor) -> Tensor:
+        cells.fill(out.fill_(big), start, 0.0)
+        counts[start:end] = out.shape[1] - torch.count_nonzero(out, dim=1)
+        return out.add_(d)
+
+    return negatives
+
+
+class _MinedNegatives:
+    """The negatives of :class:`~deepmetric.miners.MultiSimilarityMiner` pairs, recomputed per block from
+    the miner's similarity blocks (same operations, same blocks) instead of read from the 4-tuple, and
+    checked against the miner's per-block counts (``mismatch`` if they differ)."""
+
+    def __init__(self, note, embeddings: Tensor, counts: Tensor, big: float) -> None:
+        self.note, self.counts, self.big = note, counts, big
+        self.ops = Operands(embeddings.detach(), None, "cosine")
+        self.scratch = Scratch("_MinedNegatives")
+        self.mismatch = False
+
+    def __call__(self, d: Tensor, start: int, end: int, out: Tensor) -> Tensor:
+        rows, cols = d.shape
+        ops = self.ops
+        buf = self.scratch.get("sim", (min(self.note.step, ops.rows), cols), ops.x.dtype, ops.x.device)
+        sim = torch.mm(ops.x[start:end], ops.yt, out=buf[:rows])
+        _, keep = self.note.kept(start, end, sim, out=out)  # 0/1 floats
+        per_row = keep.sum(1)  # exact: integers below 2**24
+        self.counts[start:end] = per_row
+        if int(per_row.sum()) != self.note.counts.get(start, 0):
+            self.mismatch = True
+        return keep.sub_(1.0).mul_(-self.big).add_(d)  # huge off the kept negatives, d on them
+
+
+class _TripletTerms:
+    """Block kernel of the terms of explicit, anchor-sorted triplets ``(a, p, n)``: the distances are
+    read from the block and ``∂S/∂D`` (the hinge's or soft-plus' derivative) is scattered back."""
+
+    def __init__(self, a: Tensor, p: Tensor, n: Tensor, margin: float, soft_margin: bool, slices: dict[int, tuple[int, int]]) -> None:
+        self.a, self.p, self.n = a, p, n
+        self.margin = margin
+        self.soft_margin = soft_margin
+        self.slices = slices  # block start -> the range of triplets whose anchor is in that block
+        self.scratch = Scratch("_TripletTerms")
+
+    def __call__(self, d: Tensor, start: int, end: int, want_grad: bool):
+        rows, cols = d.shape
+        i0, i1 = self.slices[start]
+        if i0 == i1:
+            return (torch.zeros((), dtype=torch.float64, device=d.device),
+                    torch.zeros((), dtype=torch.long, device=d.device), None, None)
+        sc = self.scratch
+        size = (i1 - i0,)
+        local = torch.sub(self.a[i0:i1], start, out=sc.get("fn", size, torch.long, d.device))
+        fp = torch.add(self.p[i0:i1], local, alpha=cols, out=sc.get("fp", size, torch.long, d.device))  # cell of (a, p)
+        fn = local.mul_(cols).add_(self.n[i0:i1])  # cell of (a, n)
+        flat = d.view(-1)
+        z = torch.index_select(flat, 0, fp, out=sc.get("z", size, d.dtype, d.device))
+        other = torch.index_select(flat, 0, fn, out=sc.get("w", size, d.dtype, d.device))
+        z.sub_(other)  # d_ap - d_an
+        if self.soft_margin:
+            terms = F.softplus(z)
+            weight = torch.sigmoid(z, out=other) if want_grad else None
+            count = torch.count_nonzero(terms)
+        else:
+            terms = z.add_(self.margin).clamp_min_(0.0)
+            weight = torch.sign(terms, out=other)  # 1 where the hinge is active
+            # the number of active terms: exact as a float sum below 2**24 terms per block
+            count = weight.sum().round().long() if weight.numel() < (1 << 24) else torch.count_nonzero(terms)
+        value = terms.sum().double()
+        if not want_grad:
+            return value, count, None, None
+        grad = sc.get("grad", (rows * cols,), d.dtype, d.device).zero_()
+        grad.scatter_add_(0, fp, weight)
+        grad_n = sc.get("grad_n", (rows * cols,), d.dtype, d.device).zero_()
+        grad_n.scatter_add_(0, fn, weight)
+        return value, count, grad.sub_(grad_n).view(rows, cols), None
+
+
+class _BandHinge:
+    """Block kernel of the hinge over the triplets a :class:`~deepmetric.miners.SemiHardMiner` returned
+    (``negatives="all"``), recomputed from the same distance blocks rather than read from the indices:
+    the bands ``d_ap < d_an < d_ap + m_miner`` are rebuilt exactly as the miner built them (same
+    operations on the same blocks) and checked against the miner's per-block counts; the terms are
+    those of the index path, ``[(d_ap − d_an) + m]₊``."""
+
+    def __init__(self, note, margin: float) -> None:
+        self.groups, self.band_margin, self.counts = note.groups, note.margin, note.counts
+        self.margin = margin
+        self.scratch = Scratch("_BandHinge")
+        self.mismatch = False
+
+    def __call__(self, d: Tensor, start: int, end: int, want_grad: bool):
+        rows, cols = d.shape
+        zero = (torch.zeros((), dtype=torch.float64, device=d.device), torch.zeros((), dtype=torch.long, device=d.device), None, None)
+        groups, sc = self.groups, self.scratch
+        pidx, pvalid = groups.pidx[start:end], groups.pvalid[start:end]
+        width = pidx.shape[1]
+        if self.mismatch or width == 0:
+            return zero
+        dn = groups.push(sc.get("dn", (rows, cols), d.dtype, d.device).copy_(d), start, end)
+        d_ap = d.gather(1, pidx)
+        low = d_ap.masked_fill(~pvalid, float("inf"))
+        high = d_ap + self.band_margin
+        shape = (rows, width, cols)
+        band = torch.gt(dn[:, None, :], low[:, :, None], out=sc.get("band", shape, d.dtype, d.device))
+        band.mul_(torch.lt(dn[:, None, :], high[:, :, None], out=sc.get("z", shape, d.dtype, d.device)))
+        if int(band.sum().item()) != self.counts.get(start, 0):  # 0/1 sum: exact below 2**24
+            self.mismatch = True
+            return zero
+        z = torch.sub(d_ap[:, :, None], d[:, None, :], out=sc.get("z", shape, d.dtype, d.device))  # d_ap - d_an
+        terms = z.add_(self.margin).clamp_min_(0.0).mul_(band)
+        value = terms.sum(2).sum(1).double().sum()
+        weight = torch.sign(terms, out=band)  # 1 where the hinge is active
+        count = weight.sum().round().long()
+        if not want_grad:
+            return value, count, None, None
+        grad = weight.sum(1).neg_()  # -#{p : (a, p, n) active}
+        grad.scatter_add_(1, pidx, weight.sum(2))  # +#{n : (a, p, n) active}; padding slots add 0
+        return value, count, grad, None
+
+
+def _semi_hard_band_loss(
+    embeddings: Tensor, triplets: tuple, margin: float, distance: str, reduction: str
+) -> Tensor | None:
+    """The loss of semi-hard triplets from their mining note (``None`` if the bands do not reproduce)."""
+    note = triplets.note  # type: ignore[attr-defined]
+    kernel = _BandHinge(note, margin)
+    x, _ = _block_operands(embeddings, None, distance)
+    total, nonzero = block_loss(kernel, x, None, distance, step=note.step)
+    if kernel.mismatch:
+        return None
+    count_all = torch.tensor(triplets[0].numel(), device=embeddings.device)
+    return reduce_terms(total, count_all, nonzero, reduction)
+
+
+def _anchor_slices(a: Tensor, batch: int, step: int) -> dict[int, tuple[int, int]] | None:
+    """For each block of ``step`` anchor rows, the slice of ``a`` holding its triplets; ``None`` unless
+    every anchor lies in its block's slice (``a`` grouped by block, any order inside a block). One
+    min/max pass over ``a``, which also proves every anchor in range."""
+    starts = list(range(0, batch, step))
+    bounds = torch.searchsorted(a, torch.tensor(starts + [batch], dtype=a.dtype, device=a.device)).tolist()
+    if bounds[0] != 0 or bounds[-1] != a.numel() or any(x > y for x, y in zip(bounds, bounds[1:])):
+        return None
+    slices = {}
+    for k, start in enumerate(starts):
+        lo, hi = bounds[k], bounds[k + 1]
+        if hi > lo:
+            first, last = torch.aminmax(a[lo:hi])
+            if int(first) < start or int(last) >= min(start + step, batch):
+                return None
+        slices[start] = (lo, hi)
+    return slices
+
+
+def _check_anchor_range(a: Tensor, batch: int) -> None:
+    lo, hi = torch.aminmax(a)
+    if int(lo) < 0 or int(hi) >= batch:
+        raise DataError(f"anchor index out of range for a batch of {batch}")
+
+
+def _triplets_blocked(
+    embeddings: Tensor, ref: Tensor | None, triplets: Indices, batch: int, ref_size: int,
+    margin: float, distance: str, soft_margin: bool, reduction: str,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """Explicit triplets from distance blocks, with the checks of :func:`check_triplets` (same errors, in
+    the same order); when there are too few triplets for blocks to pay off, the checked ``(a, p, n)``
+    instead (for the per-triplet path)."""
+    device = embeddings.device
+    a, p, n = (torch.as_tensor(t).long().reshape(-1) for t in triplets)
+    if not (a.numel() == p.numel() == n.numel()):
+        raise DataError(f"triplet index tensors differ in length: {a.numel()}, {p.numel()}, {n.numel()}")
+    if a.numel() * _PER_TRIPLET_RATIO <= batch * ref_size:
+        if a.numel():  # the checks of check_triplets, one min/max pass per tensor
+            _check_anchor_range(a, batch)
+            if not (_in_range(p, ref_size) and _in_range(n, ref_size)):
+                raise DataError(f"reference index out of range for a reference set of {ref_size}")
+        return a.to(device), p.to(device), n.to(device)
+    (plo, phi), (nlo, nhi) = torch.aminmax(p), torch.aminmax(n)
+    refs_ok = min(int(plo), int(nlo)) >= 0 and max(int(phi), int(nhi)) < ref_size
+    a, p, n = a.to(device), p.to(device), n.to(device)
+    step = block_rows(batch, ref_size, device)
+    slices = _anchor_slices(a, batch, step)
+    if slices is None:
+        _check_anchor_range(a, batch)
+    if not refs_ok:
+        raise DataError(f"reference index out of range for a reference set of {ref_size}")
+    if slices is None:
+        order = torch.argsort(a, stable=True)
+        a, p, n = a[order], p[order], n[order]
+        slices = _anchor_slices(a, batch, step)
+        assert slices is not None
+    x, y = _block_operands(embeddings, ref, distance)
+    kernel = _TripletTerms(a, p, n, margin, soft_margin, slices)
+    total, nonzero = block_loss(kernel, x, y, distance, step=step)
+    count_all = torch.tensor(a.numel(), device=device)
+    return reduce_terms(total, count_all, nonzero, reduction)
+
+
+def _in_range(t: Tensor, size: int) -> bool:
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return int(lo) >= 0 and int(hi) < size
+
+
+def pair_cells(indices: Indices, batch: int, ref_size: int, step: int, device: torch.device) -> tuple["PairCells", "PairCells"]:
+    """The checks :func:`resolve_masks` makes on pairs ``(a1, p, a2, n)`` (same errors, in the same order),
+    then the positive and the negative pairs grouped by blocks of ``step`` anchor rows."""
+    if not isinstance(indices, (tuple, list)) or len(indices) not in (3, 4):
+        raise DataError("indices must be triplets (a, p, n) or pairs (a1, p, a2, n)")
+    for t in indices:
+        if not isinstance(t, Tensor) or t.dim() != 1:
+            raise DataError("every index tensor must be a 1-D long tensor")
+    if len(indices) == 3:
+        indices = (indices[0], indices[1], indices[0], indices[2])
+    a1, p, a2, n = (t.to(device).long() for t in indices)
+    refs_ok = _in_range(p, ref_size) and _in_range(n, ref_size)
+    found = []
+    for rows in (a1, a2):
+        slices = _anchor_slices(rows, batch, step)
+        if slices is None:
+            _check_anchor_range(rows, batch)
+        found.append(slices)
+    if not refs_ok:
+        raise DataError(f"reference index out of range for a reference set of {ref_size}")
+    return PairCells(a1, p, found[0], batch, step), PairCells(a2, n, found[1], batch, step)
+
+
+class PairCells:
+    """Index pairs ``(rows[i], cols[i])`` grouped by blocks of anchor rows, written into blocks on demand."""
+
+    def __init__(self, rows: Tensor, cols: Tensor, slices: dict[int, tuple[int, int]] | None, batch: int, step: int) -> None:
+        if slices is None:  # not grouped by block: sort by row once
+            order = torch.argsort(rows, stable=True)
+            rows, cols = rows[order], cols[order]
+            slices = _anchor_slices(rows, batch, step)
+            assert slices is not None
+        self.rows, self.cols, self.slices = rows, cols, slices
+        self.scratch = Scratch("PairCells")
+
+    def fill(self, block: Tensor, start: int, value: float) -> Tensor:
+        """In place: ``block[r - start, c] = value`` for the pairs of the block starting at row ``start``."""
+        i0, i1 = self.slices[start]
+        if i1 > i0:
+            flat = torch.sub(self.rows[i0:i1], start, out=self.scratch.get("flat", (i1 - i0,), torch.long, block.device))
+            flat.mul_(block.shape[1]).add_(self.cols[i0:i1])
+            block.view(-1).index_fill_(0, flat, value)
+        return block
+
+
+def _block_operands(embeddings: Tensor, ref: Tensor | None, distance: str) -> tuple[Tensor, Tensor | None]:
+    if distance == "cosine":
+        x = F.normalize(embeddings, dim=1)
+        return x, None if ref is None else F.normalize(ref, dim=1)
+    return embeddings, ref
+
+
+def _all_triplets_blocked(
+    embeddings: Tensor, labels: Tensor, ref: Tensor | None, ref_labels: Tensor | None, indices: Indices | None,
+    margin: float, distance: str, reduction: str,
+) -> Tensor:
+    """Hinge loss over every ``(a, p, n)`` of the label masks or of the given pairs, in anchor blocks."""
+    batch = embeddings.shape[0]
+    ref_size = batch if ref is None else ref.shape[0]
+    device, dtype = embeddings.device, embeddings.dtype
+    step = block_rows(batch, ref_size, device)
+    note = getattr(indices, "note", None)
+    mined = note if (
+        ref is None and getattr(note, "kind", None) == "multi_similarity_pairs"
+        and note.matches(embeddings, labels, indices)  # type: ignore[union-attr]
+    ) else None
+    if indices is None:
+        groups = LabelGroups(labels.to(device), labels.to(device) if ref_labels is None else ref_labels.to(device), ref is None)
+        pidx, pvalid = groups.pidx, groups.pvalid
+        negatives = _label_negatives(groups)
+        neg_count = ref_size - groups.same_count
+    elif mined is not None:  # pairs of MultiSimilarityMiner: recompute its negatives, block by block
+        pidx, pvalid = _positives_from_pairs(indices[0], indices[1], batch, ref_size)
+        neg_count = torch.zeros(batch, dtype=torch.long, device=device)
+        negatives = _MinedNegatives(mined, embeddings, neg_count, big(dtype))
+        step = mined.step
+    else:
+        pos_cells, neg_cells = pair_cells(indices, batch, ref_size, step, device)
+        pidx, pvalid = _positives_from_pairs(pos_cells.rows, pos_cells.cols, batch, ref_size)
+        neg_count = torch.zeros(batch, dtype=torch.long, device=device)
+        negatives = _pair_negatives(neg_cells, neg_count, big(dtype))
+    if not bool(pvalid.any()):
+        return zero_loss(embeddings, ref)
+    x, y = _block_operands(embeddings, ref, distance)
+    total, nonzero = block_loss(_SlotHinge(margin, pidx, pvalid, negatives), x, y, distance, step=step)
+    if mined is not None and negatives.mismatch:  # the blocks did not reproduce the miner's: read the pairs
+        return _all_triplets_blocked(embeddings, labels, ref, ref_labels, tuple(indices), margin, distance, reduction)
+    n_triplets = (pvalid.sum(1) * neg_count).sum()  # neg_count is complete once every block has been seen
+    if int(n_triplets) == 0:
+        return zero_loss(embeddings, ref)
+    return reduce_terms(total, n_triplets, nonzero, reduction)
+
 
 def triplet_margin_loss(
     embeddings: Tensor,
@@ -133,18 +575,52 @@ def triplet_margin_loss(
     check_distance(distance)
     check_reduction(reduction, _REDUCTIONS)
     same_set = ref_embeddings is None
-    ref, ref_lab = check_inputs(embeddings, labels, ref_embeddings, ref_labels)
+    ref, ref_lab = fast_check_inputs(embeddings, labels, ref_embeddings, ref_labels)
     batch, ref_size = embeddings.shape[0], ref.shape[0]
+    fast = supported(embeddings, None if same_set else ref, distance)
     if indices is not None and is_triplets(indices):
-        a, p, n = check_triplets(indices, batch, ref_size)
-        a, p, n = a.to(embeddings.device), p.to(embeddings.device), n.to(embeddings.device)
+        note = getattr(indices, "note", None)
+        if (
+            fast and not soft_margin and same_set and getattr(note, "kind", None) == "semi_hard_bands"
+            and note.distance == distance  # type: ignore[union-attr]
+            and note.matches(embeddings, labels, indices)  # type: ignore[union-attr]
+        ):
+            out = _semi_hard_band_loss(embeddings, indices, margin, distance, reduction)
+            if out is not None:
+                return out
+        if fast:
+            out = _triplets_blocked(
+                embeddings, None if same_set else ref, indices, batch, ref_size, margin, distance, soft_margin, reduction
+            )
+            if isinstance(out, Tensor):
+                return out
+            a, p, n = out
+        else:
+            a, p, n = check_triplets(indices, batch, ref_size)
+            a, p, n = a.to(embeddings.device), p.to(embeddings.device), n.to(embeddings.device)
         if a.numel() == 0:
             return zero_loss(embeddings, None if same_set else ref)
+        if fast and distance != "cosine":
+            want_grad = torch.is_grad_enabled() and (embeddings.requires_grad or (not same_set and ref.requires_grad))
+            total, nonzero = _PairedTriplets.apply(
+                embeddings, None if same_set else ref, a, p, n, margin, soft_margin,
+                distance == "squared_euclidean", want_grad,
+            )
+            return reduce_terms(total, torch.tensor(a.numel(), device=embeddings.device), nonzero, reduction)
         anchors = embeddings[a]
         d_ap = paired_distance(anchors, ref[p], distance)
         d_an = paired_distance(anchors, ref[n], distance)
         return triplet_margin_loss_explicit(
             d_ap, d_an, margin=margin, soft_margin=soft_margin, reduction=reduction
+        )
+    pair_indices = (
+        indices is not None and is_pairs(indices)
+        and all(isinstance(t, Tensor) and t.dim() == 1 for t in indices)
+    )
+    if fast and not soft_margin and (indices is None or pair_indices):
+        return _all_triplets_blocked(
+            embeddings, labels, None if same_set else ref, None if same_set else ref_lab, indices,
+            margin, distance, reduction,
         )
     pos, neg = resolve_masks(labels, None if same_set else ref_lab, indices, batch, ref_size)
     n_triplets = (pos.sum(1) * neg.sum(1)).sum()

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepmetric.distances import euclidean
 from deepmetric.errors import ConfigError
-from deepmetric.miners._common import SeededRNG, check_cap, masks, prepare, random_cap
+from deepmetric.miners._blocks import LabelGroups, Operands, Scratch, big
+from deepmetric.miners._common import SeededRNG, check_cap, prepare, random_cap
 from deepmetric.registry import MINERS
 from deepmetric.tuples import Triplets
 
@@ -56,6 +56,37 @@ def distance_weighted_probabilities(
         w = torch.where(has_valid, w, neg_mask.to(w.dtype))
     total = w.sum(1, keepdim=True)
     return w.div_(total.clamp_min(torch.finfo(w.dtype).tiny)) if in_place else w / total.clamp_min(torch.finfo(w.dtype).tiny)
+
+
+def _block_probabilities(
+    dist: Tensor, groups: LabelGroups, start: int, end: int, dim: int, cutoff: float, nonzero_loss_cutoff: float,
+    scratch: Scratch,
+) -> Tensor:
+    """:func:`distance_weighted_probabilities` of the block of anchors ``start:end`` (same operations on
+    the kept cells, so the same values), with the non-negatives and the cells beyond the cutoff
+    removed by an additive penalty instead of a boolean mask."""
+    if bool(torch.isnan(dist).any()):  # not on finite inputs; keep the reference handling
+        neg = groups.push(torch.zeros_like(dist), start, end) == 0
+        return distance_weighted_probabilities(dist, neg, dim, cutoff, nonzero_loss_cutoff)
+    shape, dtype, device = dist.shape, dist.dtype, dist.device
+    huge = big(dtype)
+    tiny = torch.finfo(dtype).tiny
+    d = torch.clamp_min(dist, cutoff, out=scratch.get("d", shape, dtype, device))
+    log_w = torch.log(d, out=scratch.get("w", shape, dtype, device)).mul_(2.0 - dim)
+    second = d.mul_(d).mul_(-0.25).add_(1.0).clamp_min_(tiny).log_().mul_((dim - 3.0) / 2.0)
+    log_w.sub_(second)
+    invalid = torch.ge(dist, nonzero_loss_cutoff, out=d)  # 1 beyond the cutoff; +1 on same-label cells
+    groups.push(invalid, start, end, 1.0)
+    log_w.add_(invalid, alpha=-huge)  # kept cells: + 0 (exact); removed cells: about -huge or -inf
+    row_max = log_w.amax(1, keepdim=True)
+    has_valid = row_max > -0.5 * huge
+    shift = torch.where(has_valid, row_max, torch.zeros_like(row_max))
+    w = log_w.sub_(shift).exp_()  # removed cells underflow to exactly 0
+    if not bool(has_valid.all()):
+        neg = (groups.push(torch.zeros_like(dist), start, end) == 0).to(dtype)
+        w = torch.where(has_valid, w, neg)
+    total = w.sum(1, keepdim=True)
+    return w.div_(total.clamp_min(tiny))
 
 
 @MINERS.register("distance_weighted")
@@ -143,18 +174,30 @@ class DistanceWeightedMiner(nn.Module):
         generator = self.rng.get(embeddings.device)
         x = F.normalize(embeddings.float() if embeddings.dtype in (torch.float16, torch.bfloat16) else embeddings, dim=1)
         y = None if same_set else F.normalize(ref_embeddings.to(x.dtype), dim=1)
-        dist = euclidean(x, y)
-        pos, neg = masks(labels, ref_labels, same_set)
-        pos &= neg.any(1, keepdim=True)  # an anchor without negatives yields nothing
-        a, p = pos.nonzero(as_tuple=True)
+        groups = LabelGroups(labels, ref_labels, same_set)
+        pidx = groups.pidx
+        pvalid = groups.pvalid & groups.has_negatives().unsqueeze(1)  # an anchor without negatives yields nothing
+        a = pvalid.nonzero(as_tuple=True)[0]  # row-major: anchors ascending, positives ascending
+        p = pidx[pvalid]
         keep = random_cap(a, self.tuples_per_anchor, generator)
         a, p = a[keep], p[keep]
         if a.numel() == 0:
             return a, p, a.clone()
-        probs = distance_weighted_probabilities(dist, neg, embeddings.shape[1], self.cutoff, self.nonzero_loss_cutoff)
         rows, row_of_pair, per_row = torch.unique_consecutive(a, return_inverse=True, return_counts=True)
-        table = probs if rows.numel() == probs.shape[0] else probs[rows]  # rows is sorted and unique
-        draws = torch.multinomial(table, int(per_row.max()), replacement=True, generator=generator)
+        k = int(per_row.max())
+        ops = Operands(x, y, "euclidean")
+        bounds = torch.searchsorted(rows, torch.arange(0, ops.rows + 1, device=rows.device)).tolist()
+        draws = []
+        scratch = Scratch("DistanceWeightedMiner")
+        for start, end, d in ops.blocks():
+            lo, hi = bounds[start], bounds[end]
+            if lo == hi:
+                continue
+            probs = _block_probabilities(d, groups, start, end, embeddings.shape[1], self.cutoff, self.nonzero_loss_cutoff, scratch)
+            if hi - lo != end - start:  # anchors without positives draw nothing
+                probs = probs[rows[lo:hi] - start]
+            draws.append(torch.multinomial(probs, k, replacement=True, generator=generator))
+        table = torch.cat(draws) if len(draws) > 1 else draws[0]  # one row of draws per anchor in ``rows``
         rank = torch.arange(a.numel(), device=a.device) - (torch.cumsum(per_row, 0) - per_row)[row_of_pair]
-        n = draws[row_of_pair, rank]
+        n = table[row_of_pair, rank]
         return a, p, n

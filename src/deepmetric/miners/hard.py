@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from deepmetric.distances import get_distance
+from deepmetric.miners._blocks import FAST_DISTANCES, LabelGroups, Operands, supported
 from deepmetric.miners._common import masks, prepare
 from deepmetric.registry import MINERS
 from deepmetric.tuples import Triplets
@@ -22,6 +23,24 @@ def batch_hard(dist: Tensor, pos_mask: Tensor, neg_mask: Tensor) -> Triplets:
     p = dist.masked_fill(~pos_mask, float("-inf")).argmax(1)
     n = dist.masked_fill(~neg_mask, float("inf")).argmin(1)
     a = (pos_mask.any(1) & neg_mask.any(1)).nonzero(as_tuple=True)[0]
+    return a, p[a], n[a]
+
+
+def _batch_hard_blocked(ops: Operands, labels: Tensor, ref_labels: Tensor, same_set: bool) -> Triplets:
+    """:func:`batch_hard` from distance blocks of a few anchors (the ``(B, R)`` matrix is never held);
+    the positives are read from the sorted labels, the negatives' minimum from the block with the
+    same-label cells pushed to +huge."""
+    groups = LabelGroups(labels, ref_labels, same_set)
+    pidx, pvalid = groups.pidx, groups.pvalid
+    device = pidx.device
+    p = torch.zeros(ops.rows, dtype=torch.long, device=device)
+    n = torch.empty(ops.rows, dtype=torch.long, device=device)
+    for start, end, d in ops.blocks():
+        if pidx.shape[1]:
+            d_ap = d.gather(1, pidx[start:end]).masked_fill_(~pvalid[start:end], float("-inf"))
+            p[start:end] = pidx[start:end].gather(1, d_ap.argmax(1, keepdim=True)).squeeze(1)  # first of ties
+        n[start:end] = groups.push(d, start, end).argmin(1)  # in place: d is not used afterwards
+    a = (pvalid.any(1) & groups.has_negatives()).nonzero(as_tuple=True)[0]
     return a, p[a], n[a]
 
 
@@ -79,6 +98,9 @@ class HardMiner(nn.Module):
         ref_labels: Tensor | None = None,
     ) -> Triplets:
         labels, ref_embeddings, ref_labels, same_set = prepare(embeddings, labels, ref_embeddings, ref_labels)
+        if self.distance in FAST_DISTANCES and supported(embeddings, None if same_set else ref_embeddings, self.distance):
+            ops = Operands(embeddings, None if same_set else ref_embeddings, self.distance)
+            return _batch_hard_blocked(ops, labels, ref_labels, same_set)
         dist = self._distance(embeddings, None if same_set else ref_embeddings)
         pos, neg = masks(labels, ref_labels, same_set)
         return batch_hard(dist, pos, neg)

@@ -7,6 +7,16 @@ import torch
 from torch import Tensor, nn
 
 from deepmetric.distances import get_distance
+from deepmetric.miners._blocks import (
+    FAST_DISTANCES,
+    LabelGroups,
+    MinedTuples,
+    MiningNote,
+    Operands,
+    Outputs,
+    Scratch,
+    supported,
+)
 from deepmetric.miners._common import (
     CHUNK_ELEMENTS,
     SeededRNG,
@@ -54,6 +64,129 @@ def semi_hard_triplets(
         dist, a, p, neg_mask, d_ap, d_ap + margin, negatives,  # type: ignore[arg-type]
         cap=tuples_per_anchor, generator=generator, fallback=fallback_n, budget=budget,
     )
+
+
+class _Bands:
+    """Semi-hard bands of a block of anchors: ``(rows, W, R)`` boolean, ``True`` where reference ``n`` is a
+    negative of the anchor with ``d(a, p_j) < d(a, n) < d(a, p_j) + margin`` for its ``j``-th positive."""
+
+    def __init__(self, groups: LabelGroups, margin: float) -> None:
+        self.groups, self.pidx, self.pvalid, self.margin = groups, groups.pidx, groups.pvalid, margin
+        self.scratch = Scratch("_Bands")
+
+    def __call__(self, start: int, end: int, d: Tensor) -> tuple[Tensor, Tensor]:
+        """``(band, dn)``: the band and the block with non-negatives pushed beyond every band (scratch
+        tensors, valid until the next call)."""
+        rows, cols = d.shape
+        width = self.pidx.shape[1]
+        sc = self.scratch
+        dn = self.groups.push(sc.get("dn", (rows, cols), d.dtype, d.device).copy_(d), start, end)
+        d_ap = d.gather(1, self.pidx[start:end])
+        low = d_ap.masked_fill(~self.pvalid[start:end], float("inf"))  # padding slots: empty band
+        high = d_ap.add_(self.margin)
+        band = torch.gt(dn[:, None, :], low[:, :, None], out=sc.get("band", (rows, width, cols), torch.bool, d.device))
+        upper = torch.lt(dn[:, None, :], high[:, :, None], out=sc.get("upper", (rows, width, cols), torch.bool, d.device))
+        return band.logical_and_(upper), dn
+
+
+class SemiHardNote(MiningNote):
+    """:func:`_semi_hard_all` mined every ``(a, p, n)`` of the semi-hard bands (``margin``) of its
+    distance blocks."""
+
+    kind = "semi_hard_bands"
+
+    def __init__(self, groups: LabelGroups, margin: float, distance: str, embeddings: Tensor, labels: Tensor) -> None:
+        super().__init__(groups, embeddings, labels, distance)
+        self.margin = margin
+
+
+def _semi_hard_all(ops: Operands, groups: LabelGroups, margin: float, note: SemiHardNote | None = None) -> Triplets:
+    """Every semi-hard triplet, in ``(a, p, n)`` order, written block by block straight into the outputs
+    (no per-block pieces to concatenate)."""
+    device = groups.pidx.device
+    pidx = groups.pidx
+    width = pidx.shape[1]
+    bands = _Bands(groups, margin)
+    outputs = Outputs(3, ops.rows, device)
+    found = torch.empty(0, 2, dtype=torch.long, device=device)
+    for start, end, d in ops.blocks(width):
+        band, _ = bands(start, end, d)
+        torch.nonzero(band.view(-1, band.shape[2]), out=found.resize_(0, 2))  # reuses the storage
+        count = found.shape[0]
+        if note is not None:
+            note.record(start, end, count)
+        if count == 0:
+            continue
+        pair, n = found[:, 0], found[:, 1]  # pair = row * W + slot, in (a, p, n) order
+        anchors = torch.arange(start, end, device=device).repeat_interleave(width)
+        sl = outputs.take(count, end)
+        out_a, out_p, out_n = outputs.bufs
+        torch.gather(anchors, 0, pair, out=out_a[sl])
+        torch.gather(pidx[start:end].reshape(-1), 0, pair, out=out_p[sl])
+        out_n[sl].copy_(n)
+    return tuple(outputs.finish())  # type: ignore[return-value]
+
+
+def _semi_hard_blocked(
+    ops: Operands, labels: Tensor, ref_labels: Tensor, same_set: bool, margin: float, negatives: str,
+    fallback: str | None, ops_source: Tensor | None = None,
+) -> Triplets:
+    """:func:`semi_hard_triplets` for ``negatives`` in ``("all", "hardest")`` without a cap, computed from
+    distance blocks of a few anchors (never the whole ``(B, R)`` matrix) and each anchor's positives
+    taken from the sorted labels. Same triplets, in the same order."""
+    device = ops.x.device
+    groups = LabelGroups(labels, ref_labels, same_set)
+    pidx, pvalid = groups.pidx, groups.pvalid
+    width = pidx.shape[1]
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    if width == 0:
+        return empty, empty.clone(), empty.clone()
+    if negatives == "all" and fallback is None:
+        if not same_set:
+            return _semi_hard_all(ops, groups, margin)
+        note = SemiHardNote(groups, margin, ops.distance, ops_source, labels)
+        return MinedTuples(_semi_hard_all(ops, groups, margin, note), note)  # type: ignore[return-value]
+    has_neg = groups.has_negatives()
+    bands = _Bands(groups, margin)
+    out_a: list[Tensor] = []
+    out_p: list[Tensor] = []
+    out_n: list[Tensor] = []
+    for start, end, d in ops.blocks(width):
+        pi, pv = pidx[start:end], pvalid[start:end]
+        band, dn = bands(start, end, d)
+        if negatives == "all":
+            r, j, n = band.nonzero(as_tuple=True)
+            ta, tp, tn = r + start, pi[r, j], n
+        else:
+            score = torch.where(band, dn[:, None, :], torch.tensor(float("inf"), dtype=d.dtype, device=device))
+            n = score.argmin(2)
+            r, j = band.any(2).nonzero(as_tuple=True)
+            ta, tp, tn = r + start, pi[r, j], n[r, j]
+        if fallback is not None:
+            lonely = pv & ~band.any(2) & has_neg[start:end, None]
+            if bool(lonely.any()):
+                if fallback == "hardest":
+                    fb = dn.argmin(1)  # the closest negative (non-negatives sit at +huge)
+                else:
+                    fb = torch.add(dn.neg(), d, alpha=2.0).argmax(1)  # 2d - dn: d on negatives, -huge elsewhere
+                r, j = lonely.nonzero(as_tuple=True)
+                ta = torch.cat([ta, r + start])
+                tp = torch.cat([tp, pi[r, j]])
+                tn = torch.cat([tn, fb[r]])
+                order = ta.argsort(stable=True)
+                ta, tp, tn = ta[order], tp[order], tn[order]
+        out_a.append(ta)
+        out_p.append(tp)
+        out_n.append(tn)
+    return tuple(_cat(parts, device) for parts in (out_a, out_p, out_n))  # type: ignore[return-value]
+
+
+def _cat(parts: list[Tensor], device: torch.device) -> Tensor:
+    if not parts:
+        return torch.empty(0, dtype=torch.long, device=device)
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    parts.clear()  # the pieces are freed before the next output is assembled
+    return out
 
 
 @MINERS.register("semi_hard")
@@ -149,6 +282,16 @@ class SemiHardMiner(nn.Module):
         ref_labels: Tensor | None = None,
     ) -> Triplets:
         labels, ref_embeddings, ref_labels, same_set = prepare(embeddings, labels, ref_embeddings, ref_labels)
+        if (
+            self.negatives in ("all", "hardest")
+            and self.tuples_per_anchor is None
+            and self.distance in FAST_DISTANCES
+            and supported(embeddings, None if same_set else ref_embeddings, self.distance)
+        ):
+            ops = Operands(embeddings, None if same_set else ref_embeddings, self.distance)
+            return _semi_hard_blocked(
+                ops, labels, ref_labels, same_set, self.margin, self.negatives, self.fallback, embeddings
+            )
         dist = self._distance(embeddings, None if same_set else ref_embeddings)
         pos, neg = masks(labels, ref_labels, same_set)
         return semi_hard_triplets(

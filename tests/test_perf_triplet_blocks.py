@@ -1,0 +1,420 @@
+"""The anchor-block paths of the triplet-family losses and miners against the reference paths.
+
+Every fast path (``deepmetric.miners._blocks``) is compared with the code it replaces, which stays
+in place for unsupported inputs: patching ``supported`` to return False selects it. Small block
+budgets force many blocks on small batches, so the block bookkeeping is exercised too.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import deepmetric.losses.margin as margin_mod
+import deepmetric.losses.triplet_margin as triplet_mod
+import deepmetric.miners.hard as hard_mod
+import deepmetric.miners.multi_similarity as ms_mod
+import deepmetric.miners.semi_hard as semi_mod
+from deepmetric import miners
+from deepmetric.errors import DataError
+from deepmetric.losses import MarginLoss, TripletMarginLoss
+from deepmetric.miners import _blocks
+from deepmetric.miners._common import masks, random_cap
+from deepmetric.miners.distance_weighted import distance_weighted_probabilities
+from reference import ref_losses_core as ref
+from reference.ref_losses_rank import ref_margin
+
+DISTANCES = ["euclidean", "squared_euclidean", "cosine"]
+
+
+def _data(b: int, d: int = 5, classes: int = 4, seed: int = 0, ref_size: int | None = None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, d, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (b,), generator=g)
+    if ref_size is None:
+        return x, y, None, None
+    return x, y, torch.randn(ref_size, d, generator=g, dtype=torch.float64), torch.randint(0, classes, (ref_size,), generator=g)
+
+
+@pytest.fixture(params=[None, 40], ids=["default_blocks", "tiny_blocks"])
+def budget(request, monkeypatch):
+    if request.param is not None:
+        monkeypatch.setattr(_blocks, "BLOCK_ELEMENTS", request.param)
+    return request.param
+
+
+def _slow(monkeypatch, *modules):
+    for module in modules:
+        monkeypatch.setattr(module, "supported", lambda *args, **kwargs: False)
+
+
+def _value_and_grads(fn, *tensors):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors if t is not None]
+    it = iter(leaves)
+    args = [next(it) if t is not None else None for t in tensors]
+    out = fn(*args)
+    grads = torch.autograd.grad(out, leaves, allow_unused=True)
+    return out.detach(), [torch.zeros_like(l) if g is None else g for l, g in zip(leaves, grads)]
+
+
+def _assert_same(fast, slow, rtol=1e-9, atol=1e-10):
+    torch.testing.assert_close(fast[0], slow[0], rtol=rtol, atol=atol)
+    for a, b in zip(fast[1], slow[1]):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+def _both(monkeypatch, fn, *tensors, modules=(triplet_mod,)):
+    fast = _value_and_grads(fn, *tensors)
+    with monkeypatch.context() as m:
+        _slow(m, *modules)
+        slow = _value_and_grads(fn, *tensors)
+    return fast, slow
+
+
+# ------------------------------------------------------------------------------------ triplet loss
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("reduction", ["mean_nonzero", "mean", "sum"])
+@pytest.mark.parametrize("ref_size", [None, 23])
+def test_all_triplets_blocks_match(monkeypatch, budget, distance, reduction, ref_size):
+    x, y, r, ry = _data(30, ref_size=ref_size)
+    loss = TripletMarginLoss(margin=0.7, distance=distance, reduction=reduction)
+    fast, slow = _both(monkeypatch, lambda e, f: loss(e, y, None, f, ry), x, r)
+    _assert_same(fast, slow)
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("count", [20, 400])  # per-triplet path and block path
+def test_explicit_triplets_match(monkeypatch, budget, distance, soft, count):
+    x, y, _, _ = _data(30, seed=1)
+    trips = ref.all_triplets(y.tolist())
+    g = torch.Generator().manual_seed(2)
+    chosen = [trips[i] for i in torch.randint(len(trips), (count,), generator=g).tolist()]  # unsorted, duplicates
+    idx = tuple(torch.tensor(c) for c in zip(*chosen))
+    for reduction in ("mean_nonzero", "mean", "sum"):
+        loss = TripletMarginLoss(margin=0.5, distance=distance, soft_margin=soft, reduction=reduction)
+        fast, slow = _both(monkeypatch, lambda e: loss(e, y, idx), x)
+        _assert_same(fast, slow)
+        expected = _value_and_grads(
+            lambda e: ref.triplet(e, None, triplets=chosen, margin=0.5, metric=distance, soft_margin=soft, reduction=reduction), x
+        )
+        _assert_same(fast, expected)
+
+
+@pytest.mark.parametrize("count", [10, 300])
+def test_explicit_triplets_with_reference_set_and_self_pairs(monkeypatch, budget, count):
+    x, y, r, ry = _data(20, ref_size=17, seed=3)
+    g = torch.Generator().manual_seed(4)
+    a = torch.randint(0, 20, (count,), generator=g)
+    p = torch.randint(0, 17, (count,), generator=g)
+    n = torch.randint(0, 17, (count,), generator=g)
+    for distance in DISTANCES:
+        loss = TripletMarginLoss(margin=0.3, distance=distance)
+        fast, slow = _both(monkeypatch, lambda e, f: loss(e, y, (a, p, n), f, ry), x, r)
+        _assert_same(fast, slow)
+    # a triplet whose positive is its anchor (distance 0: the clamp blocks the gradient)
+    x2, y2, _, _ = _data(16, seed=5)
+    a2 = torch.arange(16).repeat(30)
+    p2 = a2.clone()
+    n2 = torch.randint(0, 16, a2.shape, generator=g)
+    loss = TripletMarginLoss(margin=0.3, distance="euclidean")
+    fast, slow = _both(monkeypatch, lambda e: loss(e, y2, (a2, p2, n2)), x2)
+    _assert_same(fast, slow)
+
+
+@pytest.mark.parametrize("ref_size", [None, 19])
+def test_pairs_match(monkeypatch, budget, ref_size):
+    x, y, r, ry = _data(26, ref_size=ref_size, seed=6)
+    rl = y if ry is None else ry
+    size = 26 if ref_size is None else ref_size
+    pos = [(i, j) for i in range(26) for j in range(size) if int(y[i]) == int(rl[j]) and (ref_size or i != j)]
+    neg = [(i, j) for i in range(26) for j in range(size) if int(y[i]) != int(rl[j])]
+    g = torch.Generator().manual_seed(7)
+    pos = [pos[i] for i in torch.randperm(len(pos), generator=g)[: len(pos) // 2].tolist()] * 2  # unsorted, duplicates
+    neg = [neg[i] for i in torch.randperm(len(neg), generator=g)[: len(neg) // 2].tolist()]
+    t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    indices = (t([a for a, _ in pos]), t([b for _, b in pos]), t([a for a, _ in neg]), t([b for _, b in neg]))
+    for distance in DISTANCES:
+        for reduction in ("mean_nonzero", "mean"):
+            loss = TripletMarginLoss(margin=0.4, distance=distance, reduction=reduction)
+            fast, slow = _both(monkeypatch, lambda e, f: loss(e, y, indices, f, ry), x, r)
+            _assert_same(fast, slow)
+
+
+def test_bad_indices_same_errors(budget):
+    x, y, _, _ = _data(40, seed=8)
+    loss = TripletMarginLoss()
+    big = torch.arange(40).repeat(5)
+    cases = [
+        ((big.flip(0) + 1, big, big), "anchor index out of range"),
+        ((big, big, big + 1), "reference index out of range"),
+        ((big - 1, big + 1, big), "anchor index out of range"),  # both wrong: the anchors are reported
+        ((big, big[:-1], big), "differ in length"),
+    ]
+    for triplets, message in cases:
+        with pytest.raises(DataError, match=message):
+            loss(x, y, triplets)
+    pairs_cases = [
+        ((big, big, big + 1, big), "anchor index out of range"),
+        ((big, big, big, big - 1), "reference index out of range"),
+    ]
+    for pairs, message in pairs_cases:
+        with pytest.raises(DataError, match=message):
+            loss(x, y, pairs)
+
+
+def test_no_valid_triplet_gives_graph_connected_zero(budget):
+    x = torch.randn(12, 3, dtype=torch.float64, requires_grad=True)
+    out = TripletMarginLoss()(x, torch.arange(12))
+    out.backward()
+    assert float(out.detach()) == 0.0 and torch.equal(x.grad, torch.zeros_like(x))
+
+
+# ------------------------------------------------------------------------------------ margin loss
+@pytest.mark.parametrize("num_classes,nu", [(None, 0.0), (4, 0.1)])
+@pytest.mark.parametrize("ref_size", [None, 21])
+def test_margin_labels_match(monkeypatch, budget, num_classes, nu, ref_size):
+    x, y, r, ry = _data(28, ref_size=ref_size, seed=9)
+    loss = MarginLoss(margin=0.2, beta=1.0, nu=nu, num_classes=num_classes).double()
+    with torch.no_grad():
+        loss.beta.copy_(torch.linspace(0.9, 1.3, loss.beta.numel()))
+    fast, slow = _both(monkeypatch, lambda e, f: loss(e, y, None, f, ry), x, r, modules=(margin_mod,))
+    _assert_same(fast, slow)
+    grads = []
+    for patch in (False, True):
+        with monkeypatch.context() as m:
+            if patch:
+                _slow(m, margin_mod)
+            loss.beta.grad = None
+            loss(x, y, None, r, ry).backward()
+            grads.append(loss.beta.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("count", [6, 200])  # per-pair path and block path
+@pytest.mark.parametrize("nu", [0.0, 0.2])
+def test_margin_mined_triplets_match(monkeypatch, budget, count, nu):
+    x, y, _, _ = _data(40, seed=10)
+    trips = ref.all_triplets(y.tolist())
+    g = torch.Generator().manual_seed(11)
+    chosen = [trips[i] for i in torch.randint(len(trips), (count,), generator=g).tolist()]
+    a, p, n = (torch.tensor(c) for c in zip(*chosen))
+    loss = MarginLoss(margin=0.2, beta=1.1, nu=nu).double()
+    fast, slow = _both(monkeypatch, lambda e: loss(e, y, (a, p, n)), x, modules=(margin_mod,))
+    _assert_same(fast, slow)
+    expected = _value_and_grads(
+        lambda e: ref_margin(e, y, loss.beta.detach(), nu=nu,
+                             pos_pairs=list(zip(a.tolist(), p.tolist())), neg_pairs=list(zip(a.tolist(), n.tolist()))),
+        x,
+    )
+    _assert_same(fast, expected)
+    # self-pairs are dropped and a pair given as positive and as negative counts once
+    a2 = torch.cat([a, torch.tensor([3, 5, 5])])
+    p2 = torch.cat([p, torch.tensor([3, 7, 7])])
+    n2 = torch.cat([n, torch.tensor([7, 5, 7])])
+    fast, slow = _both(monkeypatch, lambda e: loss(e, y, (a2, p2, n2)), x, modules=(margin_mod,))
+    _assert_same(fast, slow)
+
+
+# ------------------------------------------------------------------------------------ miners
+def _same_tuples(fast, slow):
+    assert len(fast) == len(slow)
+    for u, v in zip(fast, slow):
+        assert u.dtype == torch.long and torch.equal(u, v)
+
+
+def _miner_both(monkeypatch, make, module, *args):
+    fast = make()(*args)  # a fresh miner each time: seeded miners advance their generator
+    with monkeypatch.context() as m:
+        _slow(m, module)
+        slow = make()(*args)
+    _same_tuples(fast, slow)
+    return fast
+
+
+@pytest.mark.parametrize("ref_size", [None, 27])
+def test_semi_hard_blocks_match(monkeypatch, budget, ref_size):
+    x, y, r, ry = _data(40, ref_size=ref_size, seed=12)
+    for distance, margin in (("euclidean", 0.8), ("squared_euclidean", 2.0), ("cosine", 0.2)):
+        for negatives in ("all", "hardest"):
+            for fallback in (None, "hardest", "easiest"):
+                make = lambda: miners.SemiHardMiner(margin=margin, distance=distance, negatives=negatives, fallback=fallback)  # noqa: E731
+                out = _miner_both(monkeypatch, make, semi_mod, x, y, r, ry)
+                assert len(out[0]) > 0
+
+
+@pytest.mark.parametrize("ref_size", [None, 27])
+def test_hard_and_multi_similarity_blocks_match(monkeypatch, budget, ref_size):
+    x, y, r, ry = _data(40, ref_size=ref_size, seed=13)
+    for distance in DISTANCES:
+        _miner_both(monkeypatch, lambda: miners.HardMiner(distance=distance), hard_mod, x, y, r, ry)
+    for eps in (0.1, 0.5):
+        _miner_both(monkeypatch, lambda: miners.MultiSimilarityMiner(epsilon=eps), ms_mod, x, y, r, ry)
+        _miner_both(monkeypatch, lambda: miners.MultiSimilarityMiner(epsilon=eps, tuples_per_anchor=2, seed=3), ms_mod, x, y, r, ry)
+
+
+def test_miners_ties_go_to_the_lowest_index(monkeypatch, budget):
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 2.0], [0.0, 2.0], [0.0, 0.0]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 0, 1, 1, 1])
+    for distance in DISTANCES[:2]:
+        _miner_both(monkeypatch, lambda: miners.HardMiner(distance=distance), hard_mod, x, y)
+        make = lambda: miners.SemiHardMiner(margin=5.0, distance=distance, negatives="hardest", fallback="easiest")  # noqa: E731
+        _miner_both(monkeypatch, make, semi_mod, x, y)
+
+
+def _old_distance_weighted(miner, embeddings, labels):
+    """The full-matrix implementation the block version replaced (same random draws)."""
+    generator = miner.rng.get(embeddings.device)
+    x = F.normalize(embeddings, dim=1)
+    dist = _blocks.Operands(x, None, "euclidean").block(0, len(x))[0]
+    pos, neg = masks(labels, labels, True)
+    pos &= neg.any(1, keepdim=True)
+    a, p = pos.nonzero(as_tuple=True)
+    keep = random_cap(a, miner.tuples_per_anchor, generator)
+    a, p = a[keep], p[keep]
+    if a.numel() == 0:
+        return a, p, a.clone()
+    probs = distance_weighted_probabilities(dist, neg, embeddings.shape[1], miner.cutoff, miner.nonzero_loss_cutoff)
+    rows, row_of_pair, per_row = torch.unique_consecutive(a, return_inverse=True, return_counts=True)
+    draws = torch.multinomial(probs[rows], int(per_row.max()), replacement=True, generator=generator)
+    rank = torch.arange(a.numel()) - (torch.cumsum(per_row, 0) - per_row)[row_of_pair]
+    return a, p, draws[row_of_pair, rank]
+
+
+@pytest.mark.parametrize("cap", [None, 1])
+def test_distance_weighted_blocks_draw_the_same(budget, cap):
+    x, y, _, _ = _data(50, d=6, classes=5, seed=14)
+    y[:3] = 9  # a class of three; and one singleton anchor without positives
+    y[3] = 11
+    fast = miners.DistanceWeightedMiner(tuples_per_anchor=cap, seed=4)
+    slow = miners.DistanceWeightedMiner(tuples_per_anchor=cap, seed=4)
+    for _ in range(3):  # the generator advances identically
+        _same_tuples(fast(x, y), _old_distance_weighted(slow, x, y))
+
+
+# ------------------------------------------------------------------------------------ memory
+class _MaxNumel(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize(
+    "miner,loss",
+    [
+        (None, TripletMarginLoss(distance="euclidean")),
+        (miners.HardMiner(), TripletMarginLoss(distance="euclidean")),
+        (miners.DistanceWeightedMiner(seed=0), MarginLoss()),
+        (miners.MultiSimilarityMiner(), TripletMarginLoss(distance="euclidean")),
+    ],
+    ids=["all_triplets", "hard", "distance_weighted", "multi_similarity"],
+)
+def test_no_batch_by_batch_tensor(miner, loss):
+    """Forward and backward never materialise a (B, B) tensor (the blocks hold a few anchor rows); the
+    multi-similarity miner's output itself is O(B²) pairs."""
+    b, k = 1024, 4
+    x = F.normalize(torch.randn(b, 32), dim=1).requires_grad_()
+    y = torch.arange(b // k).repeat_interleave(k)
+    with _MaxNumel() as mode:
+        indices = None if miner is None else miner(x, y)
+        if isinstance(miner, miners.MultiSimilarityMiner):
+            mode.largest = 0
+        loss(x, y, indices).backward()
+    assert torch.isfinite(x.grad).all()
+    assert mode.largest < b * b // 2, mode.largest
+
+
+# ------------------------------------------------------------------------------------ mined bands
+@pytest.mark.parametrize("distance,margin", [("euclidean", 0.8), ("squared_euclidean", 2.0), ("cosine", 0.2)])
+def test_semi_hard_triplets_recomputed_by_the_loss(budget, distance, margin):
+    """Triplets from SemiHardMiner(negatives="all") carry a note; the loss rebuilds the bands from the
+    same distance blocks instead of reading the indices: same values and gradients as a plain tuple."""
+    x, y, _, _ = _data(40, seed=15)
+    leaf = x.clone().requires_grad_()
+    mined = miners.SemiHardMiner(margin=margin, distance=distance, negatives="all")(leaf, y)
+    assert isinstance(mined, tuple) and len(mined) == 3 and hasattr(mined, "note") and len(mined[0]) > 0
+    for loss_margin, reduction in ((margin, "mean_nonzero"), (0.5 * margin, "mean"), (2 * margin, "sum")):
+        loss = TripletMarginLoss(margin=loss_margin, distance=distance, reduction=reduction)
+        out = loss(leaf, y, mined)
+        g_band = torch.autograd.grad(out, leaf)[0]
+        plain = loss(leaf, y, tuple(mined))
+        g_plain = torch.autograd.grad(plain, leaf)[0]
+        torch.testing.assert_close(out, plain, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(g_band, g_plain, rtol=1e-7, atol=1e-9)
+
+
+def test_semi_hard_note_is_ignored_when_anything_changed(monkeypatch):
+    import copy
+    import pickle
+
+    x, y, _, _ = _data(40, seed=16)
+    leaf = x.clone().requires_grad_()
+    miner = miners.SemiHardMiner(margin=0.8, distance="euclidean", negatives="all")
+    loss = TripletMarginLoss(margin=0.8, distance="euclidean")
+    calls = []
+    original = triplet_mod._semi_hard_band_loss
+    monkeypatch.setattr(triplet_mod, "_semi_hard_band_loss", lambda *a: calls.append(1) or original(*a))
+    mined = miner(leaf, y)
+    reference = loss(leaf, y, tuple(mined)).detach()
+    torch.testing.assert_close(loss(leaf.detach(), y, mined), reference)  # detach() shares the storage
+    assert len(calls) == 1
+    assert type(pickle.loads(pickle.dumps(mined))) is tuple and type(copy.deepcopy(mined)) is tuple
+    loss(leaf, y.flip(0), mined)  # other labels
+    loss(leaf.detach().clone(), y, mined)  # other storage
+    TripletMarginLoss(margin=0.8, distance="cosine")(leaf, y, mined)  # other distance
+    mined[0].add_(0)  # in-place change of the indices
+    loss(leaf, y, mined)
+    assert len(calls) == 1
+    # bands that do not reproduce (here: a tampered count) fall back to reading the indices
+    mined = miner(leaf, y)
+    mined.note.counts[0] += 1
+    torch.testing.assert_close(loss(leaf, y, mined), reference)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_multi_similarity_pairs_recomputed_by_the_triplet_loss(monkeypatch, budget, distance):
+    from deepmetric.losses import MultiSimilarityLoss
+
+    x, y, _, _ = _data(40, seed=17)
+    leaf = x.clone().requires_grad_()
+    mined = miners.MultiSimilarityMiner(epsilon=0.3)(leaf, y)
+    assert hasattr(mined, "note") and len(mined) == 4 and len(mined[2]) > 0
+    for reduction in ("mean_nonzero", "mean", "sum"):
+        loss = TripletMarginLoss(margin=0.6, distance=distance, reduction=reduction)
+        out = loss(leaf, y, mined)
+        g = torch.autograd.grad(out, leaf)[0]
+        plain = loss(leaf, y, tuple(mined))
+        g_plain = torch.autograd.grad(plain, leaf)[0]
+        torch.testing.assert_close(out, plain, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(g, g_plain, rtol=1e-7, atol=1e-9)
+    # other consumers see an ordinary 4-tuple
+    torch.testing.assert_close(MultiSimilarityLoss()(leaf, y, mined), MultiSimilarityLoss()(leaf, y, tuple(mined)))
+    # negatives that do not reproduce fall back to reading the pairs
+    mined.note.counts[0] += 1
+    torch.testing.assert_close(TripletMarginLoss(margin=0.6, distance=distance)(leaf, y, mined),
+                               TripletMarginLoss(margin=0.6, distance=distance)(leaf, y, tuple(mined)))
+    # capped or against a reference set: plain tuples
+    assert not hasattr(miners.MultiSimilarityMiner(tuples_per_anchor=2, seed=0)(leaf, y), "note")
+    assert not hasattr(miners.MultiSimilarityMiner()(leaf, y, leaf.detach(), y), "note")
+
+
+def test_note_does_not_match_new_embeddings_at_a_reused_address(monkeypatch):
+    """Offline mining: indices mined from old embeddings, used with new ones, are read, not recomputed."""
+    x, y, _, _ = _data(40, seed=18)
+    calls = []
+    original = triplet_mod._semi_hard_band_loss
+    monkeypatch.setattr(triplet_mod, "_semi_hard_band_loss", lambda *a: calls.append(1) or original(*a))
+    mined = miners.SemiHardMiner(margin=0.8, distance="euclidean", negatives="all")(x.clone(), y)
+    new = x + 0.1  # whatever its address, the note still holds the old storage
+    loss = TripletMarginLoss(margin=0.8, distance="euclidean")
+    torch.testing.assert_close(loss(new, y, mined), loss(new, y, tuple(mined)))
+    assert not calls
