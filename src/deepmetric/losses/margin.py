@@ -147,10 +147,10 @@ def _margin_loss_blocked(
         pos_fill, neg_fill, any_pos = _label_fills(labels.to(device), labels.to(device) if same_set else ref_labels.to(device), same_set, dtype)
     else:
         if isinstance(indices, (tuple, list)) and len(indices) in (3, 4) and all(isinstance(t, Tensor) for t in indices):
-            lengths = (indices[0], indices[1]) if len(indices) == 3 else indices
-            if len({t.numel() for t in lengths[:2]}) > 1 or (len(indices) == 4 and indices[2].numel() != indices[3].numel()):
-                return None  # mismatched lengths: let the mask path raise its error
-            if len(indices) == 3 and indices[0].numel() != indices[2].numel():
+            # well-formed index tensors only: anything else keeps the mask path (and its errors)
+            if any(t.is_floating_point() for t in indices) or len({t.numel() for t in indices[:2]}) > 1:
+                return None
+            if indices[-2].numel() != indices[-1].numel() or (len(indices) == 3 and indices[0].numel() != indices[2].numel()):
                 return None
         pos_cells, neg_cells = pair_cells(indices, batch, ref_size, step, device)
         if (pos_cells.rows.numel() + neg_cells.rows.numel()) * _PER_PAIR_RATIO <= batch * ref_size:
@@ -239,6 +239,9 @@ class MarginLoss(nn.Module):
     learning rate as the paper does). The $\nu$ penalty is taken per pair as written in Eq. 6 (the
     authors' code adds $\nu\beta$ once per triplet, i.e. $\nu/2$ per pair). Without ``indices`` all
     ordered pairs of the batch are used. No active pair gives the regulariser alone (divided by 1).
+
+    Distances are computed in blocks of a few anchor rows with the gradient formed block by block
+    (no ``(B, R)`` matrix is held); with few mined pairs, per pair.
 
     PML mapping: ``pml.MarginLoss(margin=α, nu=0, beta=β, learn_beta=True, num_classes=...)`` with
     triplets whose (a, p) and (a, n) pairs are all distinct gives the same value and gradients (PML

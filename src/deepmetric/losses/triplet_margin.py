@@ -613,9 +613,10 @@ def triplet_margin_loss(
         return triplet_margin_loss_explicit(
             d_ap, d_an, margin=margin, soft_margin=soft_margin, reduction=reduction
         )
-    pair_indices = (
+    pair_indices = (  # well-formed pairs; anything else keeps the mask path (and its errors)
         indices is not None and is_pairs(indices)
-        and all(isinstance(t, Tensor) and t.dim() == 1 for t in indices)
+        and all(isinstance(t, Tensor) and t.dim() == 1 and not t.is_floating_point() for t in indices)
+        and indices[0].numel() == indices[1].numel() and indices[2].numel() == indices[3].numel()
     )
     if fast and not soft_margin and (indices is None or pair_indices):
         return _all_triplets_blocked(
@@ -646,13 +647,18 @@ class TripletMarginLoss(nn.Module):
     equals ``mean``.
 
     Without ``indices`` :math:`T` is **every** valid triplet of the batch (``labels[a] == labels[p]``,
-    ``a != p``, ``labels[a] != labels[n]``). They are never materialised: for each anchor the
-    negative distances are sorted once and
-    :math:`\sum_n [d_{ap} + m - d_{an}]_+ = c\,(d_{ap}+m) - \sum_{d_{an} < d_{ap}+m} d_{an}` is read from
-    a cumulative sum at the ``searchsorted`` position :math:`c` (O(B² log B) time, O(B²) memory).
-    With mined triplets the loss is computed on exactly those (duplicates count); with mined pairs
-    :math:`T` is every ``(a, p, n)`` with ``(a, p)`` a given positive and ``(a, n)`` a given
-    negative pair.
+    ``a != p``, ``labels[a] != labels[n]``). They are never materialised: the distances are computed
+    in blocks of a few anchor rows (never the whole ``(B, R)`` matrix), each anchor's row is compared
+    once per positive with :math:`t_p = d_{ap} + m`, which gives the number :math:`k_p` of active
+    negatives per positive and :math:`c_n` of active positives per negative, and
+    :math:`\sum_{p,n} [t_p - d_{an}]_+ = \sum_p t_p k_p - \sum_n c_n d_{an}`; the gradient w.r.t. the
+    distances is these exact counts, turned into the gradient w.r.t. the embeddings by two matmuls per
+    block (O(B·R·P) time for P positives per anchor, O(block·R + B·D) memory).
+    With mined triplets the loss is computed on exactly those (duplicates count), their distances
+    read from the same blocks (from the gathered embeddings when there are few); triplets that
+    :class:`~deepmetric.miners.SemiHardMiner` (``negatives="all"``) returned for these very
+    embeddings are recomputed from the blocks instead of read. With mined pairs :math:`T` is every
+    ``(a, p, n)`` with ``(a, p)`` a given positive and ``(a, n)`` a given negative pair.
 
     Reference:
         F. Schroff, D. Kalenichenko, J. Philbin, "FaceNet: A Unified Embedding for Face Recognition

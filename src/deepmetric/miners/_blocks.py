@@ -366,9 +366,10 @@ _KEEP_ELEMENTS = 1 << 22
 class Scratch:
     """Named work buffers of one computation, reused across its blocks.
 
-    With an ``owner`` name the buffers (up to :data:`_KEEP_ELEMENTS` elements each) are also kept for
-    the next computation of that owner in the same thread: a fresh large allocation costs a page fault
-    per 4 KiB on first touch, more than the arithmetic on it. Only one live ``Scratch`` per owner and
+    With an ``owner`` name the CPU buffers (up to :data:`_KEEP_ELEMENTS` elements each) are also kept
+    for the next computation of that owner in the same thread: a fresh large allocation costs a page
+    fault per 4 KiB on first touch, more than the arithmetic on it (accelerators have caching
+    allocators). Only one live ``Scratch`` per owner and
     thread uses the kept buffers (a second one gets private ones); they are handed back by
     :meth:`release` or when the ``Scratch`` is garbage collected. Nothing returned to a caller may
     alias a work buffer.
@@ -397,7 +398,7 @@ class Scratch:
         if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
             grow = buf is not None and buf.dtype == dtype and buf.device == device
             buf = torch.empty(numel + (numel // 4 if grow else 0), dtype=dtype, device=device)
-            if self._kept is not None and buf.numel() <= _KEEP_ELEMENTS:
+            if self._kept is not None and buf.numel() <= _KEEP_ELEMENTS and device.type == "cpu":
                 self._kept[name] = buf
             else:
                 self._store[name] = buf

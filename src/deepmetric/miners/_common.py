@@ -258,10 +258,12 @@ def band_triplets(
             tn = torch.cat([tn, fb[ok]])
             order = ta.argsort(stable=True)
             ta, tp, tn = ta[order], tp[order], tn[order]
-        keep = random_cap(ta, cap, generator)
-        out_a.append(ta[keep])
-        out_p.append(tp[keep])
-        out_n.append(tn[keep])
+        if cap is not None:
+            keep = random_cap(ta, cap, generator)
+            ta, tp, tn = ta[keep], tp[keep], tn[keep]
+        out_a.append(ta)
+        out_p.append(tp)
+        out_n.append(tn)
     if not out_a:
         e = torch.empty(0, dtype=torch.long, device=device)
         return e, e.clone(), e.clone()

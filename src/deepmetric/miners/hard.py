@@ -52,7 +52,8 @@ class HardMiner(nn.Module):
        n^*(a) = \\arg\\min_{n:\\,y_n \\ne y_a} d(a, n) $$
 
     Exactly one triplet ``(a, p*, n*)`` per anchor that has a positive and a negative, so the output
-    has at most B triplets; memory is one ``(B, R)`` distance matrix. With a P×K batch this is the
+    has at most B triplets; the distances are computed in blocks of a few anchors (the ``(B, R)``
+    matrix is never held) and each anchor's positives are read from the sorted labels. With a P×K batch this is the
     "batch hard" variant that Hermans et al. found best; pair it with a triplet loss (hinge or
     soft-margin). Unlike the other miners it has no ``tuples_per_anchor`` option: it always returns
     one triplet per anchor.

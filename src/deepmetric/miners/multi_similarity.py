@@ -125,7 +125,9 @@ class MultiSimilarityMiner(nn.Module):
        \\text{positive } (a, p) \\text{ kept iff } S_{ap} - \\epsilon < \\max_{n:\\,y_n \\ne y_a} S_{an}. $$
 
     An anchor without positives keeps no negatives and vice versa. Output: pairs
-    ``(a1, p, a2, n)`` (O(B·R) memory; no triplets are formed), the input of
+    ``(a1, p, a2, n)`` (similarities in blocks of a few anchors, pairs written straight into the
+    outputs; without a cap or reference set the 4-tuple also notes how it was mined, which lets
+    :class:`~deepmetric.losses.TripletMarginLoss` recompute the negatives instead of reading them), the input of
     :class:`MultiSimilarityLoss` and of any pair loss. ``tuples_per_anchor`` caps the kept positive
     pairs and, separately, the kept negative pairs of each anchor (uniform random subsets).
 

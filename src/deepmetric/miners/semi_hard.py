@@ -212,8 +212,12 @@ class SemiHardMiner(nn.Module):
     ``"hardest"`` uses the anchor's closest negative (a hard triplet), ``"easiest"`` its farthest one
     (what ``triplet_semihard_loss`` does when no negative is farther than the positive).
     ``tuples_per_anchor`` then keeps a uniform random subset of at most that many triplets per
-    anchor. The computation never forms all triplets: it runs over anchor chunks of bounded size
-    (O(B·R) memory).
+    anchor. The computation never forms all triplets: it runs over blocks of a few anchors (the
+    ``(B, R)`` distance matrix is never held) and writes the triplets straight into the outputs.
+    With ``negatives="all"``, no cap and no reference set the result is a tuple subclass that also
+    notes how it was mined, so that :class:`~deepmetric.losses.TripletMarginLoss` given the same,
+    unchanged embeddings recomputes the triplets from the same blocks instead of reading them (it is
+    an ordinary 3-tuple for everything else; pickling or copying drops the note).
 
     Reference:
         Schroff, Kalenichenko & Philbin, "FaceNet: A Unified Embedding for Face Recognition and
