@@ -447,6 +447,7 @@ def run_one(name: str, batch: int, layout: str, cap: float, mem_cap_gb: float) -
                 status[side] = "timeout"
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
+            torch.set_grad_enabled(True)  # an alarm inside a no_grad() exit leaves grad mode off
         first[side] = time.perf_counter() - t0
         spent[side] = first[side]
         out[f"{side}_first_s"] = first[side]
@@ -484,6 +485,7 @@ def run_one(name: str, batch: int, layout: str, cap: float, mem_cap_gb: float) -
             check = "check timeout"
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
+            torch.set_grad_enabled(True)  # an alarm inside a no_grad() exit leaves grad mode off
     elif status["ours"] == "ok":
         out["value_ours"] = float(results["ours"][0])
         check = "PML fails: not compared"
@@ -507,6 +509,7 @@ def run_one(name: str, batch: int, layout: str, cap: float, mem_cap_gb: float) -
             status[side] = "timeout"
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
+            torch.set_grad_enabled(True)  # an alarm inside a no_grad() exit leaves grad mode off
         per_call[side] = time.perf_counter() - t0
         spent[side] += per_call[side]
     sides = [s for s in sides if status[s] == "ok"]
@@ -530,6 +533,7 @@ def run_one(name: str, batch: int, layout: str, cap: float, mem_cap_gb: float) -
                 break
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
+                torch.set_grad_enabled(True)  # an alarm inside a no_grad() exit leaves grad mode off
             dt = time.perf_counter() - t0
             spent[side] += dt
             times[side].append(dt / number[side])
