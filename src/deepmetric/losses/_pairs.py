@@ -14,6 +14,8 @@ Everything here works on dense ``(B, R)`` matrices and masks (memory O(B·R)); n
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from typing import Callable, NamedTuple
 
 import torch
@@ -317,7 +319,7 @@ FUSED_KINDS = ("dot", "cosine", "squared_euclidean", "euclidean")
 BLOCK_ELEMS = 1 << 19
 
 
-class PairKernel:
+class PairKernel(ABC):
     """A loss over a pair matrix ``M`` (``(B, R)``) that returns its own gradient ``∂L/∂M``.
 
     :func:`fused_pair_loss` computes ``M`` in row blocks (``M[r0:r1, c0:]``) and calls
@@ -339,13 +341,14 @@ class PairKernel:
         kernel may set entries that are not pairs to ``+inf`` (distance ``inf``: no term, zero
         gradient), which also keeps them out of the near-zero-distance check."""
 
-    def block(self, m: Tensor, r0: int, r1: int, c0: int) -> Tensor | SparseGrad | None:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def block(self, m: Tensor, r0: int, r1: int, c0: int) -> Tensor | SparseGrad | None:
+        """``G`` for one block (see the class docstring)."""
 
-    def finish(self) -> tuple[Tensor, float, list[Tensor] | None]:  # pragma: no cover
+    @abstractmethod
+    def finish(self) -> tuple[Tensor, float, list[Tensor] | None]:
         """``(value, scale, late_grads)``: the loss (0-dim), the gradient scale, and (optionally)
         the gradient blocks in the order :meth:`block` saw them."""
-        raise NotImplementedError
 
 
 def _row_blocks(batch: int, width: int, upper: bool, target: int) -> list[tuple[int, int]]:
