@@ -134,10 +134,13 @@ def build(name: str, x, labels) -> dict[str, Any]:
     num_classes = int(labels.max()) + 1
     spec: dict[str, Any] = {"mapping": "", "compare": "value+grad", "params": []}
 
-    def pair(ours_loss, pml_loss, ours_miner=None, pml_miner=None):
+    def pair(ours_loss, pml_loss, ours_miner=None, pml_miner=None, fused=False):
         if ours_miner is None:
             spec["ours"] = lambda e: ours_loss(e, y)
             spec["pml"] = lambda e: pml_loss(e, y)
+        elif fused:  # the loss mines itself: loss(x, y, miner=m), what deepmetric's trainer calls
+            spec["ours"] = lambda e: ours_loss(e, y, miner=ours_miner)
+            spec["pml"] = lambda e: pml_loss(e, y, pml_miner(e, y))
         else:
             spec["ours"] = lambda e: ours_loss(e, y, ours_miner(e, y))
             spec["pml"] = lambda e: pml_loss(e, y, pml_miner(e, y))
@@ -178,8 +181,11 @@ def build(name: str, x, labels) -> dict[str, Any]:
             spec["mapping"] = text + "; all triplets of the batch"
         elif miner == "semi_hard":
             pair(ours_loss, pml_loss, M.SemiHardMiner(margin=0.2, distance="euclidean", negatives="all"),
-                 PM.TripletMarginMiner(margin=0.2, type_of_triplets="semihard", distance=lp))
-            spec["mapping"] = text + "; SemiHardMiner(0.2, 'euclidean', negatives='all') == PML TripletMarginMiner(0.2, 'semihard', same LpDistance)"
+                 PM.TripletMarginMiner(margin=0.2, type_of_triplets="semihard", distance=lp), fused=True)
+            spec["mapping"] = text + (
+                "; SemiHardMiner(0.2, 'euclidean', negatives='all') == PML TripletMarginMiner(0.2, 'semihard', same LpDistance); "
+                "ours timed as loss(x, y, miner=m) (fused: the bands are evaluated in the loss's blocks, the triplets never listed)"
+            )
         elif miner == "hard":
             pair(ours_loss, pml_loss, M.HardMiner(distance="euclidean"), PM.BatchHardMiner(distance=lp))
             spec["mapping"] = text + "; HardMiner('euclidean') == PML BatchHardMiner(same LpDistance)"

@@ -19,7 +19,7 @@ def test_defaults_are_the_default_job() -> None:
     assert c.data.name == "fashion_mnist" and c.data.protocol == "closed"
     assert c.model.name == "small_cnn"
     assert c.loss.name == "triplet_margin" and c.miner is not None and c.miner.name == "semi_hard"
-    assert [(e.name, e.args["weight"]) for e in c.extra_losses] == [("proxy_anchor", 0.03)]
+    assert [(e.name, e.args["weight"]) for e in c.extra_losses] == [("uniformity", 0.3)]
     assert c.sampler.name == "m_per_class"
     # replacing the loss drops the default's extra term unless extra_losses is given
     assert config_from_dict({"loss": {"name": "contrastive"}}).extra_losses == ()

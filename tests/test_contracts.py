@@ -101,7 +101,7 @@ def test_registry_is_not_empty():
 def test_class_attributes(name):
     cls = LOSSES.get(name)
     assert getattr(cls, "tuple_kind", "missing") in ("pairs", "triplets", None)
-    assert getattr(cls, "label_kind", "missing") in ("class", "continuous")
+    assert getattr(cls, "label_kind", "missing") in ("class", "continuous", "none")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

@@ -418,3 +418,85 @@ def test_note_does_not_match_new_embeddings_at_a_reused_address(monkeypatch):
     loss = TripletMarginLoss(margin=0.8, distance="euclidean")
     torch.testing.assert_close(loss(new, y, mined), loss(new, y, tuple(mined)))
     assert not calls
+
+
+# ------------------------------------------------------------------------------------ fused mining
+@pytest.mark.parametrize("distance,margin", [("euclidean", 0.8), ("squared_euclidean", 2.0), ("cosine", 0.2)])
+def test_fused_semi_hard_equals_mining_then_loss(budget, distance, margin):
+    """loss(x, y, miner=SemiHardMiner(negatives="all")) builds the bands inside the loss and never
+    lists the triplets: the same values and gradients as mining first and passing a plain tuple."""
+    x, y, _, _ = _data(40, seed=21)
+    miner = miners.SemiHardMiner(margin=margin, distance=distance, negatives="all")
+    for loss_margin, reduction in ((margin, "mean_nonzero"), (0.5 * margin, "mean"), (2 * margin, "sum")):
+        loss = TripletMarginLoss(margin=loss_margin, distance=distance, reduction=reduction)
+        fused = _value_and_grads(lambda t: loss(t, y, miner=miner), x)
+        plain = _value_and_grads(lambda t: loss(t, y, tuple(t_.clone() for t_ in miner(t.detach(), y))), x)
+        assert float(plain[0]) != 0.0
+        _assert_same(fused, plain)
+
+
+def test_fused_semi_hard_lists_no_triplets(monkeypatch):
+    """The fused path never calls the miner (nothing is mined as indices) and, with blocks of a few
+    rows, allocates nothing of the size of the triplet set."""
+    monkeypatch.setattr(_blocks, "BLOCK_ELEMENTS", 512)
+    x, y, _, _ = _data(96, classes=3, seed=2)
+    miner = miners.SemiHardMiner(margin=2.0, negatives="all")
+    listed = len(miner(x, y)[0])
+    assert listed > 96 * 96  # more triplets than cells of the distance matrix
+    monkeypatch.setattr(miners.SemiHardMiner, "forward", lambda *a, **k: pytest.fail("miner called"))
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Largest.largest = max(Largest.largest, t.numel())
+            return out
+
+    leaf = x.clone().requires_grad_()
+    with Largest():
+        TripletMarginLoss(margin=2.0)(leaf, y, miner=miner).backward()
+    assert Largest.largest < listed, (Largest.largest, listed)
+    assert torch.isfinite(leaf.grad).all()
+
+
+def test_miner_argument_other_miners_and_errors():
+    x, y, _, _ = _data(30, seed=4)
+    loss = TripletMarginLoss(margin=0.3)
+    # not fusable (one negative per pair, batch-hard, a fallback): mined first, then the index path
+    for miner in (miners.SemiHardMiner(margin=0.3), miners.HardMiner(),
+                  miners.SemiHardMiner(margin=0.3, negatives="all", fallback="hardest")):
+        via_arg = _value_and_grads(lambda t: loss(t, y, miner=miner), x)
+        separate = _value_and_grads(lambda t: loss(t, y, miner(t.detach(), y)), x)
+        _assert_same(via_arg, separate)
+    with pytest.raises(DataError, match="not both"):
+        loss(x, y, miner(x, y), miner=miner)
+    # no positive pair at all: a graph-connected zero
+    leaf = x.clone().requires_grad_()
+    out = loss(leaf, torch.arange(30), miner=miners.SemiHardMiner(negatives="all"))
+    out.backward()
+    assert float(out.detach()) == 0.0 and leaf.grad is not None
+
+
+def test_trainer_passes_the_miner_to_a_fusing_loss(monkeypatch):
+    from deepmetric.losses import ProxyAnchorLoss
+    from deepmetric.train.loop import LossSet
+
+    x, y, _, _ = _data(24, d=6, seed=5)
+    miner = miners.SemiHardMiner(margin=0.5, negatives="all")
+    triplet = TripletMarginLoss(margin=0.5)
+    proxy = ProxyAnchorLoss(num_classes=4, embedding_dim=6).double()
+    expected = triplet(x, y, tuple(miner(x, y))) + 0.1 * proxy(x, y)
+    calls = []
+    original = TripletMarginLoss.forward
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("miner"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TripletMarginLoss, "forward", spy)
+    out = LossSet(["triplet_margin", "proxy_anchor"], [triplet, proxy], [1.0, 0.1])(x, y, miner)
+    assert calls == [miner]
+    torch.testing.assert_close(out, expected)

@@ -19,6 +19,7 @@ from deepmetric.losses._pairs import (
     resolve_masks,
     row_hinge_sums,
 )
+from deepmetric.miners import _blocks
 from deepmetric.miners._blocks import LabelGroups, Operands, Scratch, big, block_loss, block_rows, supported
 from deepmetric.miners._blocks import check_inputs as fast_check_inputs
 from deepmetric.registry import LOSSES
@@ -351,6 +352,7 @@ class _BandHinge:
         self.margin = margin
         self.scratch = Scratch("_BandHinge")
         self.mismatch = False
+        self.band_total = 0  # triplets in the bands (fused mining: no miner counts to check against)
 
     def __call__(self, d: Tensor, start: int, end: int, want_grad: bool):
         rows, cols = d.shape
@@ -367,7 +369,10 @@ class _BandHinge:
         shape = (rows, width, cols)
         band = torch.gt(dn[:, None, :], low[:, :, None], out=sc.get("band", shape, d.dtype, d.device))
         band.mul_(torch.lt(dn[:, None, :], high[:, :, None], out=sc.get("z", shape, d.dtype, d.device)))
-        if int(band.sum().item()) != self.counts.get(start, 0):  # 0/1 sum: exact below 2**24
+        found = int(band.sum(2).sum(dtype=torch.float64).item())  # 0/1 sums: exact
+        if self.counts is None:
+            self.band_total += found
+        elif found != self.counts.get(start, 0):
             self.mismatch = True
             return zero
         z = torch.sub(d_ap[:, :, None], d[:, None, :], out=sc.get("z", shape, d.dtype, d.device))  # d_ap - d_an
@@ -394,6 +399,45 @@ def _semi_hard_band_loss(
         return None
     count_all = torch.tensor(triplets[0].numel(), device=embeddings.device)
     return reduce_terms(total, count_all, nonzero, reduction)
+
+
+class _FusedNote:
+    """What :class:`_BandHinge` reads when the loss mines the semi-hard bands itself (no miner call)."""
+
+    def __init__(self, groups: LabelGroups, margin: float) -> None:
+        self.groups, self.margin, self.counts = groups, margin, None
+
+
+def _semi_hard_fused(
+    embeddings: Tensor, labels: Tensor, band_margin: float, margin: float, distance: str, reduction: str
+) -> Tensor:
+    """The loss of every semi-hard triplet (``d_ap < d_an < d_ap + band_margin``) of the batch, the bands
+    built block by block inside the loss: the triplets are never listed (O(block·W·B) memory)."""
+    groups = LabelGroups(labels, labels, True)
+    width = groups.pidx.shape[1]
+    if width == 0:
+        return zero_loss(embeddings, None)
+    kernel = _BandHinge(_FusedNote(groups, band_margin), margin)
+    x, _ = _block_operands(embeddings, None, distance)
+    rows, cols = x.shape[0], x.shape[0]
+    budget = None if x.device.type != "cpu" else _blocks.BLOCK_ELEMENTS * min(width, 4)  # as the miner's blocks
+    step = block_rows(rows, cols * width, x.device, budget)
+    total, nonzero = block_loss(kernel, x, None, distance, step=step)
+    if kernel.band_total == 0:
+        return zero_loss(embeddings, None)
+    count_all = torch.tensor(kernel.band_total, device=embeddings.device)
+    return reduce_terms(total, count_all, nonzero, reduction)
+
+
+def _fusable(miner: object, distance: str, soft_margin: bool, same_set: bool, fast: bool) -> bool:
+    """Whether the loss can mine ``miner``'s triplets itself (see :func:`_semi_hard_fused`)."""
+    from deepmetric.miners.semi_hard import SemiHardMiner
+
+    return (
+        isinstance(miner, SemiHardMiner) and miner.negatives == "all" and miner.fallback is None
+        and miner.tuples_per_anchor is None and miner.distance == distance
+        and fast and same_set and not soft_margin
+    )
 
 
 def _anchor_slices(a: Tensor, batch: int, step: int) -> dict[int, tuple[int, int]] | None:
@@ -570,6 +614,7 @@ def triplet_margin_loss(
     distance: str = "squared_euclidean",
     soft_margin: bool = False,
     reduction: str = "mean_nonzero",
+    miner: nn.Module | None = None,
 ) -> Tensor:
     """Functional form of :class:`TripletMarginLoss` (same arguments)."""
     check_distance(distance)
@@ -578,6 +623,16 @@ def triplet_margin_loss(
     ref, ref_lab = fast_check_inputs(embeddings, labels, ref_embeddings, ref_labels)
     batch, ref_size = embeddings.shape[0], ref.shape[0]
     fast = supported(embeddings, None if same_set else ref, distance)
+    if miner is not None:
+        if indices is not None:
+            raise DataError("pass either indices= (mined tuples) or miner=, not both")
+        if _fusable(miner, distance, soft_margin, same_set, fast):
+            return _semi_hard_fused(embeddings, labels, miner.margin, margin, distance, reduction)  # type: ignore[attr-defined]
+        with torch.no_grad():
+            if same_set:
+                indices = miner(embeddings.detach(), labels)
+            else:
+                indices = miner(embeddings.detach(), labels, ref.detach(), ref_lab)
     if indices is not None and is_triplets(indices):
         note = getattr(indices, "note", None)
         if (
@@ -660,6 +715,14 @@ class TripletMarginLoss(nn.Module):
     embeddings are recomputed from the blocks instead of read. With mined pairs :math:`T` is every
     ``(a, p, n)`` with ``(a, p)`` a given positive and ``(a, n)`` a given negative pair.
 
+    ``loss(embeddings, labels, miner=m)`` mines with ``m`` and returns the loss of what it picks, the
+    same value as ``loss(embeddings, labels, m(embeddings.detach(), labels))``. For a
+    :class:`~deepmetric.miners.SemiHardMiner` with ``negatives="all"`` (no cap, no fallback, same
+    distance) the two steps are **fused**: the semi-hard bands are evaluated inside the loss's distance
+    blocks and the triplets are never listed, so time and memory do not grow with their number
+    (about 10⁹ at B = 4096 with 32 classes, 24 GB as index tensors). The trainer passes its miner
+    this way (``fuses_miner``).
+
     Reference:
         F. Schroff, D. Kalenichenko, J. Philbin, "FaceNet: A Unified Embedding for Face Recognition
         and Clustering", CVPR 2015.
@@ -691,6 +754,7 @@ class TripletMarginLoss(nn.Module):
 
     tuple_kind: ClassVar[str | None] = "triplets"
     label_kind: ClassVar[str] = "class"
+    fuses_miner: ClassVar[bool] = True  # forward(..., miner=m) mines itself
 
     def __init__(
         self,
@@ -712,8 +776,11 @@ class TripletMarginLoss(nn.Module):
         indices: Indices | None = None,
         ref_embeddings: Tensor | None = None,
         ref_labels: Tensor | None = None,
+        *,
+        miner: nn.Module | None = None,
     ) -> Tensor:
-        """Loss over all valid triplets of the batch, or over the tuples named by ``indices``."""
+        """Loss over all valid triplets of the batch, over the tuples named by ``indices``, or over the
+        triplets ``miner`` picks from this batch (``miner=``; fused for semi-hard "all", see above)."""
         return triplet_margin_loss(
             embeddings,
             labels,
@@ -724,6 +791,7 @@ class TripletMarginLoss(nn.Module):
             distance=self.distance,
             soft_margin=self.soft_margin,
             reduction=self.reduction,
+            miner=miner,
         )
 
     def forward_triplets(self, anchor: Tensor, positive: Tensor, negative: Tensor) -> Tensor:

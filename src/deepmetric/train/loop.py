@@ -110,10 +110,15 @@ class LossSet(nn.Module):
         return any(getattr(l, "tuple_kind", None) is not None for l in self.losses)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, miner: nn.Module | None = None) -> torch.Tensor:
-        indices = miner(embeddings, labels) if miner is not None else None
+        tuple_losses = [l for l in self.losses if getattr(l, "tuple_kind", None) is not None]
+        # a single tuple loss that mines itself gets the miner (fused: e.g. semi-hard triplets never listed)
+        fused = miner is not None and len(tuple_losses) == 1 and getattr(tuple_losses[0], "fuses_miner", False)
+        indices = miner(embeddings, labels) if miner is not None and not fused else None
         total = None
         for loss, weight in zip(self.losses, self.weights):
-            if indices is not None and getattr(loss, "tuple_kind", None) is not None:
+            if fused and getattr(loss, "tuple_kind", None) is not None:
+                value = loss(embeddings, labels, miner=miner)
+            elif indices is not None and getattr(loss, "tuple_kind", None) is not None:
                 value = loss(embeddings, labels, indices=indices)
             else:
                 value = loss(embeddings, labels)
@@ -134,7 +139,7 @@ def build_components(
     names, losses, weights = [], [], []
     for comp in (config.loss, *config.extra_losses):
         loss_cls = LOSSES.get(comp.name)
-        if getattr(loss_cls, "label_kind", "class") != "class":
+        if getattr(loss_cls, "label_kind", "class") not in ("class", "none"):  # "none": ignores labels
             raise ConfigError(
                 f"loss {comp.name!r} needs {loss_cls.label_kind} labels, but fit() trains on class labels; "
                 "use it from your own training loop (see its docstring)"
