@@ -360,3 +360,37 @@ def test_bad_mined_indices_raise(loss):
     for idx in bad:
         with pytest.raises((DataError, IndexError)):
             loss(x, y, idx)
+
+
+# ------------------------------------------------------------------ multi-similarity: fused mining
+@pytest.mark.parametrize("base,classes,b", [(0.5, 6, 37), (1.0, 3, 40), (0.5, 40, 45)])
+def test_multi_similarity_fused_mining_equals_mining_then_loss(base, classes, b):
+    """loss(x, y, miner=MultiSimilarityMiner()) applies the ε-rule inside the similarity blocks: the same
+    value and gradients as mining first and passing the pairs as indices (the reference formula on
+    those pairs); in the "masks" variant (no positive lists) it mines first."""
+    from deepmetric.miners import MultiSimilarityMiner
+
+    x, y = _data(b=b, classes=classes, seed=classes)
+    miner = MultiSimilarityMiner(epsilon=0.1)
+    loss = MultiSimilarityLoss(base=base)
+    mined = tuple(t.clone() for t in miner(x, y))
+    assert len(mined[0]) > 0 and len(mined[2]) > 0
+    _check(lambda t: loss(t, y, miner=miner), lambda t: ref_multi_similarity(t, y, mined, base=base), x)
+
+
+def test_multi_similarity_fused_mining_calls_no_miner_and_falls_back(monkeypatch):
+    from deepmetric.errors import DataError
+    from deepmetric.miners import MultiSimilarityMiner
+
+    x, y = _data(b=40, classes=8, seed=3)
+    loss = MultiSimilarityLoss(base=0.5)
+    capped = MultiSimilarityMiner(epsilon=0.1, tuples_per_anchor=2, seed=0)
+    expected = loss(x, y, capped(x, y))
+    torch.testing.assert_close(loss(x, y, miner=MultiSimilarityMiner(epsilon=0.1, tuples_per_anchor=2, seed=0)), expected)
+    with pytest.raises(DataError, match="not both"):
+        loss(x, y, capped(x, y), miner=capped)
+    lonely = loss(x.clone().requires_grad_(), torch.arange(40), miner=MultiSimilarityMiner())
+    assert float(lonely.detach()) == 0.0
+    if ms_mod._PAIR_LIST_FRACTION > 0:  # the fused path (positive lists) never calls the miner
+        monkeypatch.setattr(MultiSimilarityMiner, "forward", lambda *a, **k: pytest.fail("miner called"))
+        assert torch.isfinite(loss(x, y, miner=MultiSimilarityMiner()))

@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from deepmetric.errors import ConfigError
+from deepmetric.errors import ConfigError, DataError
 from deepmetric.losses._pairs import (
     BLOCK_ELEMS,
     PairKernel,
@@ -58,8 +58,10 @@ class _MultiSimilarityKernel(PairKernel):
         col_labels: Tensor | None = None,
         pos: Tensor | None = None,
         neg: Tensor | None = None,
+        mine_epsilon: float | None = None,
     ) -> None:
         self.alpha, self.beta, self.base = alpha, beta, base
+        self.mine_epsilon = mine_epsilon  # label mode only: apply the MS miner's ε-rule inside the blocks
         self.batch = batch
         self.same = same
         self.pairs = pairs
@@ -83,6 +85,8 @@ class _MultiSimilarityKernel(PairKernel):
         rows, cols, ptr = self.pairs
         lo, hi = int(ptr[r0]), int(ptr[r1])
         pr, pc = rows[lo:hi] - r0, cols[lo:hi]
+        if self.mine_epsilon is not None:
+            return self._block_mined(s, r0, r1, pr, pc)
         sim_p = s[pr, pc].double()
         e = s.mul_(self.beta).exp_()  # e^{βS}
         if self.neg is not None:
@@ -99,6 +103,34 @@ class _MultiSimilarityKernel(PairKernel):
         if not self.need_grad:
             return None
         # G = E⁻/(1 + s⁻) − E⁺/(1 + s⁺)
+        e.mul_((s_neg.add_(1.0).reciprocal_().mul_(shift)).to(e.dtype).unsqueeze(1))
+        g_pos = (e_pos / s_pos.add_(1.0)[pr]).neg_().to(e.dtype)
+        return e.index_put_((pr, pc), g_pos, accumulate=True)
+
+    def _block_mined(self, s: Tensor, r0: int, r1: int, pr: Tensor, pc: Tensor) -> Tensor | None:
+        """:meth:`_block_sparse` on the pairs the multi-similarity miner keeps (label mode), found in the
+        block itself: a negative ``(a, n)`` is kept iff ``S_an + ε > min_p S_ap``, a positive iff
+        ``S_ap − ε < max_n S_an`` (same comparisons, same dtype as the miner)."""
+        eps = float(self.mine_epsilon)  # type: ignore[arg-type]
+        rows = r1 - r0
+        s_ap = s[pr, pc]
+        hardest_pos = torch.full((rows,), float("inf"), dtype=s.dtype, device=s.device)
+        hardest_pos.scatter_reduce_(0, pr, s_ap, "amin")  # least similar positive (+inf: none)
+        s[pr, pc] = float("-inf")  # positives and self leave the negative side (and become e^{-inf} = 0)
+        if self.same:
+            s[:, r0:r1].fill_diagonal_(float("-inf"))
+        hardest_neg = s.amax(1)  # most similar negative (-inf: none)
+        keep = s_ap - eps < hardest_neg[pr]
+        pr, pc, sim_p = pr[keep], pc[keep], s_ap[keep].double()
+        drop = torch.le(s + eps, hardest_pos.unsqueeze(1))  # negatives not kept (and the -inf cells)
+        e = s.mul_(self.beta).exp_().masked_fill_(drop, 0.0)  # e^{βS} on the kept negatives
+        shift = math.exp(-self.beta * self.base)
+        s_neg = e.sum(1).double().mul_(shift)
+        e_pos = torch.exp((sim_p - self.base) * -self.alpha)
+        s_pos = torch.zeros(rows, dtype=torch.float64, device=s.device).index_add_(0, pr, e_pos)
+        self.total += float(torch.log1p(s_pos).sum() / self.alpha + torch.log1p(s_neg).sum() / self.beta)
+        if not self.need_grad:
+            return None
         e.mul_((s_neg.add_(1.0).reciprocal_().mul_(shift)).to(e.dtype).unsqueeze(1))
         g_pos = (e_pos / s_pos.add_(1.0)[pr]).neg_().to(e.dtype)
         return e.index_put_((pr, pc), g_pos, accumulate=True)
@@ -152,6 +184,7 @@ def multi_similarity_loss(
     alpha: float = 2.0,
     beta: float = 50.0,
     base: float = 1.0,
+    miner: nn.Module | None = None,
 ) -> Tensor:
     """Functional form of :class:`MultiSimilarityLoss` (same arguments).
 
@@ -165,6 +198,15 @@ def multi_similarity_loss(
         alpha=float(alpha), beta=float(beta), base=float(base), batch=batch, width=ref_size, dtype=embeddings.dtype
     )
     col_lab = labels if same_set else ref_lab
+    if miner is not None:
+        if indices is not None:
+            raise DataError("pass either indices= (mined pairs) or miner=, not both")
+        fused = _fused_mining(embeddings, labels, ref, ref_lab, same_set, miner, common)
+        if fused is not None:
+            return fused
+        with torch.no_grad():
+            indices = miner(embeddings.detach(), labels) if same_set else miner(
+                embeddings.detach(), labels, ref.detach(), ref_lab)
     if indices is None:
         limit = int(_PAIR_LIST_FRACTION * batch * ref_size)
         pairs = label_positive_pairs(labels, None if same_set else ref_lab, max_pairs=limit)
@@ -188,6 +230,31 @@ def multi_similarity_loss(
     return fused_pair_loss(embeddings, None if same_set else ref, "dot", kernel, block_elems=_BLOCK, normalize=True)
 
 
+def _fused_mining(
+    embeddings: Tensor, labels: Tensor, ref: Tensor, ref_lab: Tensor, same_set: bool, miner: nn.Module,
+    common: dict,
+) -> Tensor | None:
+    """The loss on the pairs a :class:`~deepmetric.miners.MultiSimilarityMiner` (no cap) keeps, mined
+    inside the loss's similarity blocks (no pair lists); ``None`` where that path does not apply."""
+    from deepmetric.miners.multi_similarity import MultiSimilarityMiner
+
+    if not isinstance(miner, MultiSimilarityMiner) or miner.tuples_per_anchor is not None:
+        return None
+    batch, ref_size = embeddings.shape[0], ref.shape[0]
+    pairs = label_positive_pairs(labels, None if same_set else ref_lab, max_pairs=int(_PAIR_LIST_FRACTION * batch * ref_size))
+    if pairs is None:
+        return None
+    if pairs[0].numel() == 0:
+        return zero_loss(embeddings, None if same_set else ref)
+    kernel = _MultiSimilarityKernel(
+        pairs=pairs, labels=labels, col_labels=labels if same_set else ref_lab, same=same_set,
+        mine_epsilon=miner.epsilon, **common,
+    )
+    if not kernel.sparse:
+        return None
+    return fused_pair_loss(embeddings, None if same_set else ref, "dot", kernel, block_elems=_BLOCK, normalize=True)
+
+
 @LOSSES.register("multi_similarity")
 class MultiSimilarityLoss(nn.Module):
     r"""Multi-similarity loss: soft-weights every positive and negative pair of an anchor at once.
@@ -201,7 +268,10 @@ class MultiSimilarityLoss(nn.Module):
     :math:`m` is the batch size (anchors without pairs contribute 0 but count), :math:`P_i` /
     :math:`N_i` the positive / negative pairs of anchor :math:`i`: all of them (self excluded), or
     those named by mined ``indices`` (the paper mines pairs with its ε-rule before weighting; that
-    step is the separate ``multi_similarity`` miner — pass its output as ``indices``).
+    step is the separate ``multi_similarity`` miner — pass its output as ``indices``, or pass the miner
+    itself as ``miner=``: then, for a :class:`~deepmetric.miners.MultiSimilarityMiner` without a cap,
+    the ε-rule is applied inside the loss's similarity blocks and no pair list is built; the value and
+    gradients are those of mining first. The trainer calls it that way).
 
     Reference:
         X. Wang, X. Han, W. Huang, D. Dong, M. R. Scott, "Multi-Similarity Loss with General Pair
@@ -237,6 +307,7 @@ class MultiSimilarityLoss(nn.Module):
 
     tuple_kind: ClassVar[str | None] = "pairs"
     label_kind: ClassVar[str] = "class"
+    fuses_miner: ClassVar[bool] = True  # forward(..., miner=m) mines itself
 
     def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 1.0) -> None:
         super().__init__()
@@ -253,8 +324,11 @@ class MultiSimilarityLoss(nn.Module):
         indices: Indices | None = None,
         ref_embeddings: Tensor | None = None,
         ref_labels: Tensor | None = None,
+        *,
+        miner: nn.Module | None = None,
     ) -> Tensor:
-        """Loss over all pairs of the batch, or over the pairs named by ``indices``."""
+        """Loss over all pairs of the batch, over the pairs named by ``indices``, or over the pairs
+        ``miner`` keeps (``miner=``; fused for the multi-similarity miner, see above)."""
         return multi_similarity_loss(
             embeddings,
             labels,
@@ -264,6 +338,7 @@ class MultiSimilarityLoss(nn.Module):
             alpha=self.alpha,
             beta=self.beta,
             base=self.base,
+            miner=miner,
         )
 
     def extra_repr(self) -> str:
