@@ -66,6 +66,7 @@ OVERRIDES: dict[str, list[str]] = {
 SEPARATE = {
     "log_ratio": "continuous labels: covered by test_log_ratio_distances_rank_like_label_distances",
     "uniformity": "label-free regulariser: covered by tests/test_losses_uniformity.py (it spreads held-out embeddings)",
+    "decorrelation": "label-free regulariser: covered by tests/test_losses_decorrelation.py (it decorrelates held-out embeddings)",
 }
 
 def _is_proxy_loss(name: str) -> bool:
