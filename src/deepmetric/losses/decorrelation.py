@@ -69,6 +69,7 @@ class DecorrelationLoss(nn.Module):
         estimate noisy (rank ≤ B − 1). Mined ``indices`` are not taken.
 
     Example:
+        >>> import torch
         >>> x = torch.tensor([[1.0, 1.0], [2.0, 2.0], [-1.0, -1.0], [-2.0, -2.0]])  # one direction
         >>> round(float(DecorrelationLoss(normalize=False)(x, torch.tensor([0, 0, 1, 1]))), 4)
         1.0
