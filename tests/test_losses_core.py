@@ -276,6 +276,28 @@ def test_n_pair_matches_reference(l2_reg):
     )
 
 
+@pytest.mark.parametrize("l2_reg", [0.0, 0.002])
+def test_n_pair_batch_matches_reference(l2_reg):
+    """The paper's N-pair batch (distinct anchor labels, ref_labels == labels) takes a cross-entropy
+    shortcut; it must equal the naive formula, and batches that are not N-pair batches (a repeated
+    label, a permuted reference) must keep the general path."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(6, 4, generator=g, dtype=torch.float64).requires_grad_()
+    p = torch.randn(6, 4, generator=g, dtype=torch.float64).requires_grad_()
+    loss = NPairLoss(l2_reg=l2_reg)
+    for y, ry in (
+        (torch.tensor([3, 0, 5, 1, 2, 9]), torch.tensor([3, 0, 5, 1, 2, 9])),  # N-pair batch
+        (torch.tensor([3, 0, 5, 1, 2, 3]), torch.tensor([3, 0, 5, 1, 2, 3])),  # a label twice
+        (torch.tensor([3, 0, 5, 1, 2, 9]), torch.tensor([0, 3, 5, 1, 2, 9])),  # positives permuted
+    ):
+        _compare(
+            lambda: loss(a, y, ref_embeddings=p, ref_labels=ry),
+            lambda: ref.n_pair(a, y.tolist(), p, ry.tolist(), l2_reg=l2_reg),
+            a,
+            p,
+        )
+
+
 @pytest.mark.parametrize("reduction", ["mean_nonzero", "mean", "sum"])
 def test_quadruplet_matches_reference(reduction):
     x = _data(scale=0.5)

@@ -28,6 +28,15 @@ def n_pair_loss(
     same_set = ref_embeddings is None
     ref, ref_lab = check_inputs(embeddings, labels, ref_embeddings, ref_labels)
     batch, ref_size = embeddings.shape[0], ref.shape[0]
+    if _is_n_pair_batch(labels, ref_lab, indices, same_set):
+        # the paper's batch: N anchors, their N positives, one class each. The positive of anchor i is
+        # reference i and every other reference is a negative, so the loss is a cross-entropy with
+        # target i: -log(e^{S_ii} / Σ_k e^{S_ik}) (one matmul, one log-softmax).
+        sim = embeddings @ ref.T
+        loss = F.cross_entropy(sim, torch.arange(batch, device=sim.device))
+        if l2_reg:
+            loss = loss + l2_reg * embeddings.norm(dim=1).mean()
+        return loss
     pos, neg = resolve_masks(labels, None if same_set else ref_lab, indices, batch, ref_size)
     if not bool(pos.any()):
         return zero_loss(embeddings, None if same_set else ref)
@@ -41,6 +50,16 @@ def n_pair_loss(
     if l2_reg:
         loss = loss + l2_reg * embeddings.norm(dim=1).mean()
     return loss
+
+
+def _is_n_pair_batch(labels: Tensor, ref_labels: Tensor, indices: Indices | None, same_set: bool) -> bool:
+    """Whether ``(embeddings, ref_embeddings)`` is an N-pair batch: labels distinct (N ≥ 2) and
+    ``ref_labels == labels`` elementwise, no mined indices."""
+    if same_set or indices is not None or labels.shape != ref_labels.shape or labels.numel() < 2:
+        return False
+    if labels.is_floating_point() or not torch.equal(labels, ref_labels.to(labels.device)):
+        return False
+    return int(torch.unique(labels).numel()) == labels.numel()
 
 
 @LOSSES.register("n_pair")
