@@ -51,6 +51,15 @@ def is_pairs(indices: object) -> bool:
     return isinstance(indices, (tuple, list)) and len(indices) == 4
 
 
+def all_finite(t: Tensor) -> bool:
+    """Whether ``t`` has no NaN/inf: for floating tensors one ``aminmax`` pass (NaN propagates to
+    both ends, ±inf shows at one of them) instead of an elementwise ``isfinite`` mask."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return bool(torch.isfinite(t).all())
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
 def check_inputs(
     embeddings: Tensor,
     labels: Tensor,
@@ -84,7 +93,7 @@ def check_inputs(
         )
     if embeddings.shape[0] == 0:
         raise DataError("empty batch: embeddings have 0 rows")
-    if check_finite and not bool(torch.isfinite(embeddings).all()):
+    if check_finite and not all_finite(embeddings):
         raise NonFiniteError("embeddings contain NaN or infinite values")
     if ref_embeddings is None:
         if ref_labels is not None:
@@ -100,7 +109,7 @@ def check_inputs(
         raise DataError(
             f"ref_labels have {ref_labels.shape[0]} rows but ref_embeddings have {ref_embeddings.shape[0]}"
         )
-    if check_finite and not bool(torch.isfinite(ref_embeddings).all()):
+    if check_finite and not all_finite(ref_embeddings):
         raise NonFiniteError("ref_embeddings contain NaN or infinite values")
     return ref_embeddings, ref_labels
 

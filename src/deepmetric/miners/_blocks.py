@@ -53,30 +53,13 @@ _EPS = 1e-12  # same clamp as deepmetric.distances
 Kernel = Callable[[Tensor, int, int, bool], "tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]"]
 
 
-def _all_finite(t: Tensor) -> bool:
-    if t.numel() == 0 or not t.is_floating_point():
-        return bool(torch.isfinite(t).all())
-    lo, hi = torch.aminmax(t)  # NaN propagates; one pass and no temporary
-    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
-
-
 def check_inputs(
     embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor | None = None, ref_labels: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """:func:`deepmetric.tuples.check_inputs` (same checks, same errors, same order) with a one-pass
-    finiteness test instead of an elementwise ``isfinite`` mask."""
-    from deepmetric.errors import NonFiniteError
+    """:func:`deepmetric.tuples.check_inputs` (same checks, same errors, one-pass finiteness test)."""
     from deepmetric.tuples import check_inputs as _check
 
-    _check(embeddings, labels, check_finite=False)
-    if not _all_finite(embeddings):
-        raise NonFiniteError("embeddings contain NaN or infinite values")
-    if ref_embeddings is None and ref_labels is None:
-        return embeddings, labels
-    ref_embeddings, ref_labels = _check(embeddings, labels, ref_embeddings, ref_labels, check_finite=False)
-    if not _all_finite(ref_embeddings):
-        raise NonFiniteError("ref_embeddings contain NaN or infinite values")
-    return ref_embeddings, ref_labels
+    return _check(embeddings, labels, ref_embeddings, ref_labels)
 
 
 def big(dtype: torch.dtype) -> float:
