@@ -28,7 +28,8 @@ def test_defaults_are_the_default_job() -> None:
     kept_miner = config_from_dict({"loss": {"name": "contrastive"}, "miner": {"name": "hard"}}).miner
     assert kept_miner is not None and kept_miner.name == "hard"
     tuned = config_from_dict({"miner": {"margin": 0.3}}).miner
-    assert tuned is not None and tuned.name == "semi_hard" and tuned.args == {"margin": 0.3}
+    assert tuned is not None and tuned.name == "semi_hard" and tuned.args == {"fallback": "easiest", "margin": 0.3}
+    assert Config().miner.args == {"fallback": "easiest"}  # type: ignore[union-attr]
     kept = config_from_dict({"loss": {"name": "contrastive"}, "extra_losses": [{"name": "center", "weight": 0.1}]})
     assert [e.name for e in kept.extra_losses] == ["center"]
     none = config_from_dict({"extra_losses": []})
