@@ -5,7 +5,6 @@ import itertools
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from deepmetric.errors import ConfigError, DataError
 from deepmetric.losses import (
@@ -17,6 +16,7 @@ from deepmetric.losses import (
     TripletMarginLoss,
 )
 from deepmetric.losses import _pairs
+from reference.memory import LargestTensor
 from reference import ref_losses_core as ref
 
 LABELS = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 4, 4])
@@ -181,19 +181,6 @@ def test_triplet_no_valid_triplet_and_bad_indices():
         TripletMarginLoss(reduction="max")
 
 
-class _MaxNumel(TorchDispatchMode):
-    """Records the largest tensor any aten op produces."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 @pytest.mark.parametrize(
@@ -214,7 +201,7 @@ def test_memory_is_o_batch_by_ref(loss):
     b, k = 256, 4
     x = torch.randn(b, 16).requires_grad_()
     y = torch.arange(b // k).repeat_interleave(k)
-    with _MaxNumel() as mode:
+    with LargestTensor() as mode:
         loss(x, y).backward()
     assert mode.largest <= 4 * b * b, mode.largest
 
@@ -224,7 +211,7 @@ def test_triplet_all_b2048_no_cubic_path():
     b, k = 2048, 4
     x = torch.nn.functional.normalize(torch.randn(b, 128), dim=1).requires_grad_()
     y = torch.arange(b // k).repeat_interleave(k)
-    with _MaxNumel() as mode:
+    with LargestTensor() as mode:
         out = TripletMarginLoss()(x, y)
         out.backward()
     assert torch.isfinite(out) and torch.isfinite(x.grad).all()

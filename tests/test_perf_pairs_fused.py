@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from deepmetric.distances import cosine_similarity
 from deepmetric.losses import ContrastiveLoss, HistogramLoss, LiftedStructureLoss, MultiSimilarityLoss
@@ -20,6 +19,7 @@ from deepmetric.losses._pairs import distance_matrix, masked_log1p_sum_exp, mask
 from deepmetric.losses.contrastive import contrastive_pair_terms
 from deepmetric.losses.histogram import soft_histogram
 from deepmetric.tuples import label_masks, pair_masks_from_indices, triplets_to_pairs
+from reference.memory import LargestTensor
 
 DT = torch.float64
 
@@ -305,17 +305,6 @@ def test_no_grad_forward_and_label_pair_helpers():
     assert _pairs.has_negative_label_pair(torch.tensor([4]), torch.tensor([5]))
 
 
-class _MaxNumel(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 @pytest.mark.parametrize("loss", [ContrastiveLoss(), MultiSimilarityLoss(), LiftedStructureLoss(), HistogramLoss()],
@@ -327,7 +316,7 @@ def test_b2048_largest_tensor_is_one_matrix(loss, monkeypatch):
     b, k = 2048, 4
     x = F.normalize(torch.randn(b, 32), dim=1).requires_grad_()
     y = torch.arange(b // k).repeat_interleave(k)
-    with _MaxNumel() as mode:
+    with LargestTensor() as mode:
         out = loss(x, y)
         out.backward()
     assert torch.isfinite(out) and torch.isfinite(x.grad).all()

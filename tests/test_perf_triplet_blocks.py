@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import deepmetric.losses.margin as margin_mod
 import deepmetric.losses.triplet_margin as triplet_mod
@@ -22,6 +21,7 @@ from deepmetric.losses import MarginLoss, TripletMarginLoss
 from deepmetric.miners import _blocks
 from deepmetric.miners._common import masks, random_cap
 from deepmetric.miners.distance_weighted import distance_weighted_probabilities
+from reference.memory import LargestTensor
 from reference import ref_losses_core as ref
 from reference.ref_losses_rank import ref_margin
 
@@ -294,17 +294,6 @@ def test_distance_weighted_blocks_draw_the_same(budget, cap):
 
 
 # ------------------------------------------------------------------------------------ memory
-class _MaxNumel(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 @pytest.mark.parametrize(
@@ -323,7 +312,7 @@ def test_no_batch_by_batch_tensor(miner, loss):
     b, k = 1024, 4
     x = F.normalize(torch.randn(b, 32), dim=1).requires_grad_()
     y = torch.arange(b // k).repeat_interleave(k)
-    with _MaxNumel() as mode:
+    with LargestTensor() as mode:
         indices = None if miner is None else miner(x, y)
         if isinstance(miner, miners.MultiSimilarityMiner):
             mode.largest = 0
@@ -445,20 +434,10 @@ def test_fused_semi_hard_lists_no_triplets(monkeypatch):
     assert listed > 96 * 96  # more triplets than cells of the distance matrix
     monkeypatch.setattr(miners.SemiHardMiner, "forward", lambda *a, **k: pytest.fail("miner called"))
 
-    class Largest(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    Largest.largest = max(Largest.largest, t.numel())
-            return out
-
     leaf = x.clone().requires_grad_()
-    with Largest():
+    with LargestTensor() as probe:
         TripletMarginLoss(margin=2.0)(leaf, y, miner=miner).backward()
-    assert Largest.largest < listed, (Largest.largest, listed)
+    assert probe.largest < listed, (probe.largest, listed)
     assert torch.isfinite(leaf.grad).all()
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "is_triplets",
     "is_pairs",
     "check_inputs",
+    "check_label_free_inputs",
     "label_masks",
     "pair_masks_from_indices",
     "triplets_to_pairs",
@@ -112,6 +113,17 @@ def check_inputs(
     if check_finite and not all_finite(ref_embeddings):
         raise NonFiniteError("ref_embeddings contain NaN or infinite values")
     return ref_embeddings, ref_labels
+
+
+def check_label_free_inputs(name: str, embeddings: Tensor, labels: Tensor, indices: object) -> None:
+    """:func:`check_inputs` for a label-free regulariser (labels checked, not used) that takes no
+    mined ``indices`` (ConfigError naming the loss)."""
+    from deepmetric.errors import ConfigError
+
+    check_inputs(embeddings, labels)
+    if indices is not None:
+        raise ConfigError(f"{name} ignores labels and takes no mined indices; use it without a miner "
+                          "or as an [[extra_losses]] term")
 
 
 def label_masks(

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from deepmetric.errors import ConfigError
 from deepmetric.registry import LOSSES
-from deepmetric.tuples import check_inputs
+from deepmetric.tuples import check_label_free_inputs
 
 __all__ = ["DecorrelationLoss", "decorrelation_loss"]
 
@@ -86,10 +86,7 @@ class DecorrelationLoss(nn.Module):
         self.eps = float(eps)
 
     def forward(self, embeddings: Tensor, labels: Tensor, indices: object = None) -> Tensor:
-        check_inputs(embeddings, labels)
-        if indices is not None:
-            raise ConfigError("decorrelation ignores labels and takes no mined indices; use it without a miner "
-                              "or as an [[extra_losses]] term")
+        check_label_free_inputs("decorrelation", embeddings, labels, indices)
         return decorrelation_loss(embeddings, self.normalize, self.eps)
 
     def extra_repr(self) -> str:

@@ -95,26 +95,15 @@ class _MultiSimilarityKernel(PairKernel):
             e[pr, pc] = 0.0
             if self.same:
                 e[:, r0:r1].fill_diagonal_(0.0)
-        shift = math.exp(-self.beta * self.base)
-        s_neg = e.sum(1).double().mul_(shift)
-        e_pos = torch.exp((sim_p - self.base) * -self.alpha)
-        s_pos = torch.zeros(r1 - r0, dtype=torch.float64, device=s.device).index_add_(0, pr, e_pos)
-        self.total += float(torch.log1p(s_pos).sum() / self.alpha + torch.log1p(s_neg).sum() / self.beta)
-        if not self.need_grad:
-            return None
-        # G = E⁻/(1 + s⁻) − E⁺/(1 + s⁺)
-        e.mul_((s_neg.add_(1.0).reciprocal_().mul_(shift)).to(e.dtype).unsqueeze(1))
-        g_pos = (e_pos / s_pos.add_(1.0)[pr]).neg_().to(e.dtype)
-        return e.index_put_((pr, pc), g_pos, accumulate=True)
+        return self._sparse_terms(e, sim_p, pr, pc)
 
     def _block_mined(self, s: Tensor, r0: int, r1: int, pr: Tensor, pc: Tensor) -> Tensor | None:
         """:meth:`_block_sparse` on the pairs the multi-similarity miner keeps (label mode), found in the
         block itself: a negative ``(a, n)`` is kept iff ``S_an + ε > min_p S_ap``, a positive iff
         ``S_ap − ε < max_n S_an`` (same comparisons, same dtype as the miner)."""
         eps = float(self.mine_epsilon)  # type: ignore[arg-type]
-        rows = r1 - r0
         s_ap = s[pr, pc]
-        hardest_pos = torch.full((rows,), float("inf"), dtype=s.dtype, device=s.device)
+        hardest_pos = torch.full((r1 - r0,), float("inf"), dtype=s.dtype, device=s.device)
         hardest_pos.scatter_reduce_(0, pr, s_ap, "amin")  # least similar positive (+inf: none)
         s[pr, pc] = float("-inf")  # positives and self leave the negative side (and become e^{-inf} = 0)
         if self.same:
@@ -124,13 +113,19 @@ class _MultiSimilarityKernel(PairKernel):
         pr, pc, sim_p = pr[keep], pc[keep], s_ap[keep].double()
         drop = torch.le(s + eps, hardest_pos.unsqueeze(1))  # negatives not kept (and the -inf cells)
         e = s.mul_(self.beta).exp_().masked_fill_(drop, 0.0)  # e^{βS} on the kept negatives
+        return self._sparse_terms(e, sim_p, pr, pc)
+
+    def _sparse_terms(self, e: Tensor, sim_p: Tensor, pr: Tensor, pc: Tensor) -> Tensor | None:
+        """Both terms from ``e = e^{βS}`` (0 off the negatives) and the positives' similarities
+        ``sim_p`` at block rows ``pr``, columns ``pc``: adds the value; returns ``∂L/∂S`` (in ``e``)."""
         shift = math.exp(-self.beta * self.base)
         s_neg = e.sum(1).double().mul_(shift)
         e_pos = torch.exp((sim_p - self.base) * -self.alpha)
-        s_pos = torch.zeros(rows, dtype=torch.float64, device=s.device).index_add_(0, pr, e_pos)
+        s_pos = torch.zeros(e.shape[0], dtype=torch.float64, device=e.device).index_add_(0, pr, e_pos)
         self.total += float(torch.log1p(s_pos).sum() / self.alpha + torch.log1p(s_neg).sum() / self.beta)
         if not self.need_grad:
             return None
+        # G = E⁻/(1 + s⁻) − E⁺/(1 + s⁺)
         e.mul_((s_neg.add_(1.0).reciprocal_().mul_(shift)).to(e.dtype).unsqueeze(1))
         g_pos = (e_pos / s_pos.add_(1.0)[pr]).neg_().to(e.dtype)
         return e.index_put_((pr, pc), g_pos, accumulate=True)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from deepmetric.errors import ConfigError
 from deepmetric.registry import LOSSES
-from deepmetric.tuples import check_inputs
+from deepmetric.tuples import check_label_free_inputs
 
 __all__ = ["UniformityLoss", "uniformity_loss"]
 
@@ -83,10 +83,7 @@ class UniformityLoss(nn.Module):
         self.t = float(t)
 
     def forward(self, embeddings: Tensor, labels: Tensor, indices: object = None) -> Tensor:
-        check_inputs(embeddings, labels)
-        if indices is not None:
-            raise ConfigError("uniformity ignores labels and takes no mined indices; use it without a miner "
-                              "or as an [[extra_losses]] term")
+        check_label_free_inputs("uniformity", embeddings, labels, indices)
         return uniformity_loss(embeddings, self.t)
 
     def extra_repr(self) -> str:
