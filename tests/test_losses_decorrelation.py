@@ -8,6 +8,7 @@ import torch
 from deepmetric.errors import ConfigError
 from deepmetric.losses import DecorrelationLoss, build
 from deepmetric.losses.decorrelation import decorrelation_loss
+from reference.training import train_label_free
 
 
 def _naive(x: torch.Tensor, normalize: bool, eps: float) -> torch.Tensor:
@@ -74,13 +75,7 @@ def test_training_decorrelates_held_out_embeddings() -> None:
     with torch.no_grad():
         before = float(decorrelation_loss(model(test)))
     loss_fn = DecorrelationLoss()
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    for _ in range(200):
-        batch = train[torch.randint(0, 1024, (128,), generator=g)]
-        loss = loss_fn(model(batch), torch.zeros(128, dtype=torch.long))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_label_free(model, loss_fn, train, steps=200, batch=128, lr=0.02, generator=g)
     with torch.no_grad():
         after = float(decorrelation_loss(model(test)))
     assert before > 0.2, before

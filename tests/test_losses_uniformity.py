@@ -10,6 +10,7 @@ import torch
 from deepmetric.errors import ConfigError
 from deepmetric.losses import UniformityLoss, build
 from deepmetric.losses.uniformity import uniformity_loss
+from reference.training import train_label_free
 
 
 def _naive(x: torch.Tensor, t: float) -> torch.Tensor:
@@ -80,13 +81,7 @@ def test_training_spreads_held_out_embeddings() -> None:
     loss_fn = UniformityLoss()
     with torch.no_grad():
         before = float(uniformity_loss(model(test)))
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    for step in range(150):
-        batch = train[torch.randint(0, 512, (64,), generator=g)]
-        loss = loss_fn(model(batch), torch.zeros(64, dtype=torch.long))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_label_free(model, loss_fn, train, steps=150, batch=64, lr=0.05, generator=g)
     with torch.no_grad():
         after = float(uniformity_loss(model(test)))
     assert before > -0.5  # collapsed: close to the maximum 0
