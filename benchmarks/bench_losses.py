@@ -187,8 +187,11 @@ def build(name: str, x, labels) -> dict[str, Any]:
                 "ours timed as loss(x, y, miner=m) (fused: the bands are evaluated in the loss's blocks, the triplets never listed)"
             )
         elif miner == "hard":
-            pair(ours_loss, pml_loss, M.HardMiner(distance="euclidean"), PM.BatchHardMiner(distance=lp))
-            spec["mapping"] = text + "; HardMiner('euclidean') == PML BatchHardMiner(same LpDistance)"
+            pair(ours_loss, pml_loss, M.HardMiner(distance="euclidean"), PM.BatchHardMiner(distance=lp), fused=True)
+            spec["mapping"] = text + (
+                "; HardMiner('euclidean') == PML BatchHardMiner(same LpDistance); ours timed as loss(x, y, miner=m) "
+                "(fused: hardest positive and negative found in the loss's own distance blocks)"
+            )
         elif miner == "multi_similarity":
             pair(ours_loss, pml_loss, M.MultiSimilarityMiner(epsilon=0.1), PM.MultiSimilarityMiner(epsilon=0.1))
             spec["mapping"] = text + "; MultiSimilarityMiner(0.1) == PML MultiSimilarityMiner(0.1) (pairs -> every (a,p,n) of a mined positive and a mined negative pair)"
@@ -648,6 +651,8 @@ def main() -> None:
     parser.add_argument("--mem-cap-gb", type=float, default=20.0)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--render", action="store_true", help="re-write the .md from the .json")
+    parser.add_argument("--update", action="store_true",
+                        help="replace only the measured (loss, layout, B) records in the existing .json (and re-render)")
     args = parser.parse_args()
     if args.render:
         data = json.loads((RESULTS / "bench_losses.json").read_text())
@@ -695,10 +700,23 @@ def main() -> None:
                     f"({rec['wall_s']:.1f}s)",
                     flush=True,
                 )
-        if not args.no_write:
+        if not args.no_write and not args.update:
             _write(records, args, t_start)  # after every configuration: a partial run keeps its results
     meta = _write(records, args, t_start, final=not args.no_write)
     print(render(records, meta))
+
+
+def _merged(records: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """``records`` replacing the same (loss, layout, B) records of the saved run (``--update``); the
+    saved commands are kept, this one appended."""
+    saved = json.loads((RESULTS / "bench_losses.json").read_text())
+    key = lambda r: (r["loss"], r["layout"], r["B"])  # noqa: E731
+    new = {key(r): r for r in records}
+    merged = [new.pop(key(r), r) for r in saved["records"]] + list(new.values())
+    old = saved["meta"]
+    meta = dict(meta, command=old["command"] + " ; " + meta["command"], updated=meta["date"], date=old["date"],
+                wall_s=old.get("wall_s", 0.0) + meta["wall_s"])
+    return merged, meta
 
 
 def _write(records: list[dict[str, Any]], args: argparse.Namespace, t_start: float, final: bool = True) -> dict[str, Any]:
@@ -720,6 +738,8 @@ def _write(records: list[dict[str, Any]], args: argparse.Namespace, t_start: flo
     }
     if final:
         RESULTS.mkdir(parents=True, exist_ok=True)
+        if getattr(args, "update", False):
+            records, meta = _merged(records, meta)
         (RESULTS / "bench_losses.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
         (RESULTS / "bench_losses.md").write_text(render(records, meta))
     return meta
