@@ -444,8 +444,8 @@ def test_fused_semi_hard_lists_no_triplets(monkeypatch):
 def test_miner_argument_other_miners_and_errors():
     x, y, _, _ = _data(30, seed=4)
     loss = TripletMarginLoss(margin=0.3)
-    # not fused (one negative per pair, a fallback, another distance): mined first, then the index path
-    for miner in (miners.SemiHardMiner(margin=0.3), miners.HardMiner(distance="cosine"),
+    # not fusable (one negative per pair, batch-hard, a fallback): mined first, then the index path
+    for miner in (miners.SemiHardMiner(margin=0.3), miners.HardMiner(),
                   miners.SemiHardMiner(margin=0.3, negatives="all", fallback="hardest")):
         via_arg = _value_and_grads(lambda t: loss(t, y, miner=miner), x)
         separate = _value_and_grads(lambda t: loss(t, y, miner(t.detach(), y)), x)
@@ -479,26 +479,3 @@ def test_trainer_passes_the_miner_to_a_fusing_loss(monkeypatch):
     out = LossSet(["triplet_margin", "proxy_anchor"], [triplet, proxy], [1.0, 0.1])(x, y, miner)
     assert calls == [miner]
     torch.testing.assert_close(out, expected)
-
-
-@pytest.mark.parametrize("distance", DISTANCES)
-@pytest.mark.parametrize("soft", [False, True])
-@pytest.mark.parametrize("reduction", ["mean_nonzero", "mean", "sum"])
-def test_fused_batch_hard_equals_mining_then_loss(budget, distance, soft, reduction):
-    """loss(x, y, miner=HardMiner()) finds each anchor's farthest positive and closest negative in the
-    loss's own distance blocks: the same values and gradients as mining first; anchors without a
-    positive (a singleton class) or without a negative drop out as in the miner."""
-    x, y, _, _ = _data(45, classes=7, seed=31)
-    y = y.clone()
-    y[0] = 99  # a singleton: no positive
-    miner = miners.HardMiner(distance=distance)
-    loss = TripletMarginLoss(margin=0.3, distance=distance, soft_margin=soft, reduction=reduction)
-    fused = _value_and_grads(lambda t: loss(t, y, miner=miner), x)
-    plain = _value_and_grads(lambda t: loss(t, y, tuple(t_.clone() for t_ in miner(t.detach(), y))), x)
-    assert float(plain[0]) != 0.0
-    _assert_same(fused, plain)
-    one_class = torch.zeros(45, dtype=torch.long)  # no negatives at all: a graph-connected zero
-    leaf = x.clone().requires_grad_()
-    out = loss(leaf, one_class, miner=miner)
-    out.backward()
-    assert float(out.detach()) == 0.0 and leaf.grad is not None

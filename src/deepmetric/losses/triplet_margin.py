@@ -429,81 +429,15 @@ def _semi_hard_fused(
     return reduce_terms(total, count_all, nonzero, reduction)
 
 
-class _HardHinge:
-    """Block kernel of batch-hard triplets (:class:`~deepmetric.miners.HardMiner`) mined inside the loss:
-    per anchor row the farthest positive (read through the label groups) and the closest negative
-    (same-label cells pushed to +huge), first index on ties as the miner; the term is the hinge
-    ``[d_ap − d_an + m]₊`` or, with ``soft``, ``log(1 + e^{d_ap − d_an})``; its gradient goes to two
-    cells per row."""
-
-    def __init__(self, groups: LabelGroups, margin: float, soft: bool) -> None:
-        self.groups, self.margin, self.soft = groups, margin, soft
-        self.has_neg = groups.has_negatives()
-        self.scratch = Scratch("_HardHinge")
-        self.anchors = 0  # anchors with a positive and a negative: the mined triplets
-
-    def __call__(self, d: Tensor, start: int, end: int, want_grad: bool):
-        groups = self.groups
-        pidx, pvalid = groups.pidx[start:end], groups.pvalid[start:end]
-        d_ap, slot = d.gather(1, pidx).masked_fill_(~pvalid, float("-inf")).max(1)  # first of ties
-        p = pidx.gather(1, slot.unsqueeze(1))
-        dn = groups.push(self.scratch.get("dn", d.shape, d.dtype, d.device).copy_(d), start, end)
-        d_an, n = dn.min(1, keepdim=True)
-        valid = pvalid.any(1) & self.has_neg[start:end]
-        diff = torch.where(valid, d_ap - d_an.squeeze(1), torch.zeros((), dtype=d.dtype, device=d.device))
-        if self.soft:
-            terms = F.softplus(diff).mul_(valid)
-            weight = torch.sigmoid(diff).mul_(valid)
-            count = valid.sum()
-        else:
-            terms = diff.add_(self.margin).clamp_min_(0.0).mul_(valid)
-            weight = torch.sign(terms)
-            count = (terms > 0).sum()
-        self.anchors += int(valid.sum())
-        value = terms.sum(dtype=torch.float64)
-        if not want_grad:
-            return value, count, None, None
-        grad = torch.zeros_like(d)
-        grad.scatter_add_(1, p, weight.unsqueeze(1))
-        grad.scatter_add_(1, n, weight.neg().unsqueeze(1))
-        return value, count, grad, None
-
-
-def _hard_fused(
-    embeddings: Tensor, labels: Tensor, margin: float, distance: str, soft_margin: bool, reduction: str
-) -> Tensor:
-    """The loss of the batch-hard triplets of the batch, mined inside the loss's distance blocks (one
-    distance pass, no index lists)."""
-    groups = LabelGroups(labels, labels, True)
-    if groups.pidx.shape[1] == 0:
-        return zero_loss(embeddings, None)
-    kernel = _HardHinge(groups, margin, soft_margin)
-    x, _ = _block_operands(embeddings, None, distance)
-    total, nonzero = block_loss(kernel, x, None, distance)
-    if kernel.anchors == 0:
-        return zero_loss(embeddings, None)
-    return reduce_terms(total, torch.tensor(kernel.anchors, device=embeddings.device), nonzero, reduction)
-
-
-def _fused(
-    miner: object, embeddings: Tensor, labels: Tensor, margin: float, distance: str, soft_margin: bool,
-    reduction: str, same_set: bool, fast: bool,
-) -> Tensor | None:
-    """The loss of ``miner``'s triplets mined inside the loss's blocks, or ``None`` where that does not
-    apply: semi-hard with every negative (:func:`_semi_hard_fused`) and batch-hard (:func:`_hard_fused`)."""
-    from deepmetric.miners.hard import HardMiner
+def _fusable(miner: object, distance: str, soft_margin: bool, same_set: bool, fast: bool) -> bool:
+    """Whether the loss can mine ``miner``'s triplets itself (see :func:`_semi_hard_fused`)."""
     from deepmetric.miners.semi_hard import SemiHardMiner
 
-    if not (fast and same_set) or getattr(miner, "distance", None) != distance:
-        return None
-    if isinstance(miner, HardMiner):
-        return _hard_fused(embeddings, labels, margin, distance, soft_margin, reduction)
-    if (
+    return (
         isinstance(miner, SemiHardMiner) and miner.negatives == "all" and miner.fallback is None
-        and miner.tuples_per_anchor is None and not soft_margin
-    ):
-        return _semi_hard_fused(embeddings, labels, miner.margin, margin, distance, reduction)
-    return None
+        and miner.tuples_per_anchor is None and miner.distance == distance
+        and fast and same_set and not soft_margin
+    )
 
 
 def _anchor_slices(a: Tensor, batch: int, step: int) -> dict[int, tuple[int, int]] | None:
@@ -692,9 +626,8 @@ def triplet_margin_loss(
     if miner is not None:
         if indices is not None:
             raise DataError("pass either indices= (mined tuples) or miner=, not both")
-        out = _fused(miner, embeddings, labels, margin, distance, soft_margin, reduction, same_set, fast)
-        if out is not None:
-            return out
+        if _fusable(miner, distance, soft_margin, same_set, fast):
+            return _semi_hard_fused(embeddings, labels, miner.margin, margin, distance, reduction)  # type: ignore[attr-defined]
         with torch.no_grad():
             if same_set:
                 indices = miner(embeddings.detach(), labels)
@@ -787,10 +720,8 @@ class TripletMarginLoss(nn.Module):
     :class:`~deepmetric.miners.SemiHardMiner` with ``negatives="all"`` (no cap, no fallback, same
     distance) the two steps are **fused**: the semi-hard bands are evaluated inside the loss's distance
     blocks and the triplets are never listed, so time and memory do not grow with their number
-    (about 10⁹ at B = 4096 with 32 classes, 24 GB as index tensors). A
-    :class:`~deepmetric.miners.HardMiner` (same distance) is fused too: each anchor's farthest positive
-    and closest negative are found in the same distance blocks that give the loss, one pass instead
-    of two. The trainer passes its miner this way (``fuses_miner``).
+    (about 10⁹ at B = 4096 with 32 classes, 24 GB as index tensors). The trainer passes its miner
+    this way (``fuses_miner``).
 
     Reference:
         F. Schroff, D. Kalenichenko, J. Philbin, "FaceNet: A Unified Embedding for Face Recognition
