@@ -187,11 +187,8 @@ def build(name: str, x, labels) -> dict[str, Any]:
                 "ours timed as loss(x, y, miner=m) (fused: the bands are evaluated in the loss's blocks, the triplets never listed)"
             )
         elif miner == "hard":
-            pair(ours_loss, pml_loss, M.HardMiner(distance="euclidean"), PM.BatchHardMiner(distance=lp), fused=True)
-            spec["mapping"] = text + (
-                "; HardMiner('euclidean') == PML BatchHardMiner(same LpDistance); ours timed as loss(x, y, miner=m) "
-                "(fused: hardest positive and negative found in the loss's own distance blocks)"
-            )
+            pair(ours_loss, pml_loss, M.HardMiner(distance="euclidean"), PM.BatchHardMiner(distance=lp))
+            spec["mapping"] = text + "; HardMiner('euclidean') == PML BatchHardMiner(same LpDistance)"
         elif miner == "multi_similarity":
             pair(ours_loss, pml_loss, M.MultiSimilarityMiner(epsilon=0.1), PM.MultiSimilarityMiner(epsilon=0.1))
             spec["mapping"] = text + "; MultiSimilarityMiner(0.1) == PML MultiSimilarityMiner(0.1) (pairs -> every (a,p,n) of a mined positive and a mined negative pair)"
