@@ -503,6 +503,14 @@ class _FusedPairLoss(torch.autograd.Function):
         gx = torch.zeros_like(x) if rows_side else None
         gy = (gx if same else torch.zeros_like(yy)) if cols_side else None
         # ∂/∂x_i Σ_j V_ij M_ij: dot: V y; euclidean (V already divided by d): rowsum(V) x − V y.
+        whole = same and len(vs) == 1 and ctx.coords[0] == (0, x.shape[0], 0)
+        if whole:  # one block holding all of V (batch against itself): (V + Vᵀ) x in one matmul
+            v = vs[0]
+            w = v + v.T
+            torch.mm(w, x, out=gx)
+            if euclid:
+                gx.neg_().addcmul_(x, w.sum(1, keepdim=True))
+            vs = ()
         for (r0, r1, c0), v in zip(ctx.coords, vs):
             if gx is not None:
                 gx[r0:r1].addmm_(v, yy[c0:], alpha=-1.0 if euclid else 1.0)
