@@ -20,7 +20,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from deepmetric.errors import DataError, NonFiniteError
+from deepmetric.errors import ConfigError, DataError, NonFiniteError
 
 __all__ = [
     "Triplets",
@@ -118,8 +118,6 @@ def check_inputs(
 def check_label_free_inputs(name: str, embeddings: Tensor, labels: Tensor, indices: object) -> None:
     """:func:`check_inputs` for a label-free regulariser (labels checked, not used) that takes no
     mined ``indices`` (ConfigError naming the loss)."""
-    from deepmetric.errors import ConfigError
-
     check_inputs(embeddings, labels)
     if indices is not None:
         raise ConfigError(f"{name} ignores labels and takes no mined indices; use it without a miner "

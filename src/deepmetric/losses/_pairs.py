@@ -27,6 +27,7 @@ from deepmetric.tuples import Indices, label_masks, pair_masks_from_indices
 
 __all__ = [
     "resolve_masks",
+    "self_free_pair_masks",
     "paired_distance",
     "distance_matrix",
     "check_distance",
@@ -114,6 +115,21 @@ def resolve_masks(
         return label_masks(labels, ref_labels)
     pairs = _validated_pairs(indices, labels.device, batch_size, ref_size)
     pos, neg = pair_masks_from_indices(pairs, batch_size, ref_size)
+    return pos, neg
+
+
+def self_free_pair_masks(
+    labels: Tensor, ref_labels: Tensor | None, indices: Indices | None, batch_size: int, ref_size: int
+) -> tuple[Tensor, Tensor]:
+    """Positive/negative ``(B, R)`` masks from labels or mined indices; never a self-pair."""
+    if isinstance(indices, (tuple, list)) and len(indices) == 3:
+        # Triplets name the pairs (a, p) and (a, n): given in the pair layout they set the same mask
+        # entries without the O(T log T) de-duplication of ``triplets_to_pairs``.
+        indices = (indices[0], indices[1], indices[0], indices[2])
+    pos, neg = resolve_masks(labels, ref_labels, indices, batch_size, ref_size)
+    if indices is not None and ref_labels is None:
+        pos.fill_diagonal_(False)
+        neg.fill_diagonal_(False)
     return pos, neg
 
 

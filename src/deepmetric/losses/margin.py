@@ -13,8 +13,7 @@ from deepmetric.registry import LOSSES
 from deepmetric.losses._pairs import paired_distance, resolve_masks
 from deepmetric.losses.triplet_margin import PairCells, pair_cells
 from deepmetric.miners._blocks import LabelGroups, Scratch, block_loss, block_rows, supported
-from deepmetric.miners._blocks import check_inputs as fast_check_inputs
-from deepmetric.tuples import Indices, zero_loss
+from deepmetric.tuples import Indices, check_inputs, zero_loss
 
 __all__ = ["MarginLoss", "margin_loss"]
 
@@ -304,7 +303,7 @@ class MarginLoss(nn.Module):
         ref_embeddings: Tensor | None = None,
         ref_labels: Tensor | None = None,
     ) -> Tensor:
-        fast_check_inputs(embeddings, labels, ref_embeddings, ref_labels)
+        check_inputs(embeddings, labels, ref_embeddings, ref_labels)
         if self.num_classes is not None and labels.numel() and (
             int(labels.min()) < 0 or int(labels.max()) >= self.num_classes
         ):

@@ -21,9 +21,8 @@ from deepmetric.losses._pairs import (
 )
 from deepmetric.miners import _blocks
 from deepmetric.miners._blocks import LabelGroups, Operands, Scratch, big, block_loss, block_rows, supported
-from deepmetric.miners._blocks import check_inputs as fast_check_inputs
 from deepmetric.registry import LOSSES
-from deepmetric.tuples import Indices, is_pairs, is_triplets, zero_loss
+from deepmetric.tuples import Indices, check_inputs, is_pairs, is_triplets, zero_loss
 
 __all__ = ["TripletMarginLoss", "triplet_margin_loss", "triplet_margin_loss_explicit"]
 
@@ -620,7 +619,7 @@ def triplet_margin_loss(
     check_distance(distance)
     check_reduction(reduction, _REDUCTIONS)
     same_set = ref_embeddings is None
-    ref, ref_lab = fast_check_inputs(embeddings, labels, ref_embeddings, ref_labels)
+    ref, ref_lab = check_inputs(embeddings, labels, ref_embeddings, ref_labels)
     batch, ref_size = embeddings.shape[0], ref.shape[0]
     fast = supported(embeddings, None if same_set else ref, distance)
     if miner is not None:

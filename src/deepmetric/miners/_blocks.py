@@ -34,10 +34,10 @@ __all__ = [
     "dense_labels",
     "LabelGroups",
     "Outputs",
+    "cat_indices",
     "MinedTuples",
     "MiningNote",
     "tensor_key",
-    "check_inputs",
     "big",
 ]
 
@@ -51,15 +51,6 @@ _EPS = 1e-12  # same clamp as deepmetric.distances
 # kernel(d_block, start, end, want_grad) -> (value (0-d float64), count (0-d long), dS/dD block or None,
 #                                            dS/d(aux rows) or None)
 Kernel = Callable[[Tensor, int, int, bool], "tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]"]
-
-
-def check_inputs(
-    embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor | None = None, ref_labels: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """:func:`deepmetric.tuples.check_inputs` (same checks, same errors, one-pass finiteness test)."""
-    from deepmetric.tuples import check_inputs as _check
-
-    return _check(embeddings, labels, ref_embeddings, ref_labels)
 
 
 def big(dtype: torch.dtype) -> float:
@@ -285,6 +276,16 @@ class Outputs:
             out = [o.clone() for o in out]
         self.bufs = []
         return out
+
+
+def cat_indices(parts: list[Tensor], device: torch.device) -> Tensor:
+    """One long index tensor from per-block pieces (empty if none); ``parts`` is emptied, so the pieces
+    are freed before the next output is assembled."""
+    if not parts:
+        return torch.empty(0, dtype=torch.long, device=device)
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    parts.clear()
+    return out
 
 
 def tensor_key(t: Tensor) -> tuple:

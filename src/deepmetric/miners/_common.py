@@ -12,8 +12,7 @@ import torch
 from torch import Tensor
 
 from deepmetric.errors import ConfigError
-from deepmetric.miners._blocks import check_inputs as fast_check_inputs
-from deepmetric.tuples import Triplets, label_masks
+from deepmetric.tuples import Triplets, check_inputs, label_masks
 
 __all__ = [
     "CHUNK_ELEMENTS",
@@ -81,7 +80,7 @@ def prepare(
     reference set); then an element is never paired with itself.
     """
     same_set = ref_embeddings is None or (ref_embeddings is embeddings and ref_labels is labels)
-    ref_embeddings, ref_labels = fast_check_inputs(embeddings, labels, ref_embeddings, ref_labels)
+    ref_embeddings, ref_labels = check_inputs(embeddings, labels, ref_embeddings, ref_labels)
     device = embeddings.device
     return labels.to(device), ref_embeddings, ref_labels.to(device), same_set
 

@@ -7,7 +7,16 @@ import torch
 from torch import Tensor, nn
 
 from deepmetric.distances import cosine_similarity
-from deepmetric.miners._blocks import LabelGroups, MinedTuples, MiningNote, Operands, Outputs, big, supported
+from deepmetric.miners._blocks import (
+    LabelGroups,
+    MinedTuples,
+    MiningNote,
+    Operands,
+    Outputs,
+    big,
+    cat_indices,
+    supported,
+)
 from deepmetric.miners._common import SeededRNG, check_cap, masks, prepare, random_cap
 from deepmetric.registry import MINERS
 from deepmetric.tuples import Pairs
@@ -102,16 +111,8 @@ def _multi_similarity_blocked(
             torch.add(found[:, 0], start, out=a2[sl])
             n[sl].copy_(found[:, 1])
     a2, n = outputs.finish()
-    pairs = (_cat(pos_rows, device), _cat(pos_cols, device), a2, n)
+    pairs = (cat_indices(pos_rows, device), cat_indices(pos_cols, device), a2, n)
     return pairs if note is None else MinedTuples(pairs, note)  # type: ignore[return-value]
-
-
-def _cat(parts: list[Tensor], device: torch.device) -> Tensor:
-    if not parts:
-        return torch.empty(0, dtype=torch.long, device=device)
-    out = parts[0] if len(parts) == 1 else torch.cat(parts)
-    parts.clear()  # the pieces are freed before the next output is assembled
-    return out
 
 
 @MINERS.register("multi_similarity")

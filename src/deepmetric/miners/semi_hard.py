@@ -15,6 +15,7 @@ from deepmetric.miners._blocks import (
     Operands,
     Outputs,
     Scratch,
+    cat_indices,
     supported,
 )
 from deepmetric.miners._common import (
@@ -178,15 +179,7 @@ def _semi_hard_blocked(
         out_a.append(ta)
         out_p.append(tp)
         out_n.append(tn)
-    return tuple(_cat(parts, device) for parts in (out_a, out_p, out_n))  # type: ignore[return-value]
-
-
-def _cat(parts: list[Tensor], device: torch.device) -> Tensor:
-    if not parts:
-        return torch.empty(0, dtype=torch.long, device=device)
-    out = parts[0] if len(parts) == 1 else torch.cat(parts)
-    parts.clear()  # the pieces are freed before the next output is assembled
-    return out
+    return tuple(cat_indices(parts, device) for parts in (out_a, out_p, out_n))  # type: ignore[return-value]
 
 
 @MINERS.register("semi_hard")
