@@ -10,27 +10,13 @@ from torch import Tensor, nn
 from deepmetric.distances import euclidean
 from deepmetric.errors import ConfigError, DataError
 from deepmetric.registry import LOSSES
-from deepmetric.losses._pairs import paired_distance, resolve_masks
+from deepmetric.losses._pairs import paired_distance
+from deepmetric.losses._pairs import self_free_pair_masks as _pair_masks
 from deepmetric.losses.triplet_margin import PairCells, pair_cells
 from deepmetric.miners._blocks import LabelGroups, Scratch, block_loss, block_rows, supported
 from deepmetric.tuples import Indices, check_inputs, zero_loss
 
 __all__ = ["MarginLoss", "margin_loss"]
-
-
-def _pair_masks(
-    labels: Tensor, ref_labels: Tensor | None, indices: Indices | None, batch_size: int, ref_size: int
-) -> tuple[Tensor, Tensor]:
-    """Positive/negative ``(B, R)`` masks from labels or mined indices; never a self-pair."""
-    if isinstance(indices, (tuple, list)) and len(indices) == 3:
-        # Triplets name the pairs (a, p) and (a, n): given in the pair layout they set the same mask
-        # entries without the O(T log T) de-duplication of ``triplets_to_pairs``.
-        indices = (indices[0], indices[1], indices[0], indices[2])
-    pos, neg = resolve_masks(labels, ref_labels, indices, batch_size, ref_size)
-    if indices is not None and ref_labels is None:
-        pos.fill_diagonal_(False)
-        neg.fill_diagonal_(False)
-    return pos, neg
 
 
 class _MarginTerms:
