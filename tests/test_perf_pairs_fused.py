@@ -87,16 +87,18 @@ def ref_histogram(x, y, indices=None, r=None, ry=None, *, num_nodes=101):
 
 
 # ------------------------------------------------------------------ helpers
-@pytest.fixture(autouse=True, params=["lists-dense", "lists-sparse", "masks"])
+@pytest.fixture(autouse=True, params=["lists-dense", "lists-sparse", "lists-squared", "masks"])
 def _small_blocks(monkeypatch, request):
     """Force several row blocks (and uneven ones) even on small test batches, and each path: label
     positives as index lists with dense or sparse (active entries only, contrastive) gradient
-    blocks, or as dense masks."""
+    blocks, the contrastive squared-distance path (near negatives found on d², square roots of
+    those only), or as dense masks."""
     for mod in (contrastive_mod, ms_mod, histogram_mod):
         monkeypatch.setattr(mod, "_BLOCK", 97)
     for mod in (contrastive_mod, ms_mod, histogram_mod, lifted_mod):
         monkeypatch.setattr(mod, "_PAIR_LIST_FRACTION", 0.0 if request.param == "masks" else 1.0)
     monkeypatch.setattr(contrastive_mod, "SPARSE_FRACTION", 1.0 if request.param == "lists-sparse" else 0.0)
+    monkeypatch.setattr(contrastive_mod, "_SPARSE_BOUND", 1.0 if request.param == "lists-squared" else 0.0)
 
 
 def _data(b=37, d=5, classes=6, seed=0, dtype=DT, scale=0.5):
@@ -180,6 +182,44 @@ def test_contrastive_overlapping_mined_pairs_and_duplicates():
         loss = ContrastiveLoss(pos_margin=0.0, reduction=reduction)
         _check(lambda e: loss(e, y, idx), lambda e: ref_contrastive(e, y, idx, reduction=reduction), x)
         _check(lambda e: loss(e, y), lambda e: ref_contrastive(e, y, reduction=reduction), x)
+
+
+@pytest.mark.parametrize("squared", [True, False])
+@pytest.mark.parametrize("ref_set", [False, True])
+def test_contrastive_squared_distance_path(squared, ref_set, monkeypatch, request):
+    """Spread classes, a few near negatives, duplicate rows (a clamped positive and a clamped
+    negative distance): the squared-distance path takes every one of the (small) blocks (counted;
+    the bound is raised, a 16-row block's self-pairs alone are 1/9 of it), and values and gradients
+    match the dense reference."""
+    if request.node.callspec.params["_small_blocks"] != "lists-dense":
+        pytest.skip("the bound is set here")
+    monkeypatch.setattr(contrastive_mod, "_SPARSE_BOUND", 0.5)
+    g = torch.Generator().manual_seed(7)
+    y = torch.randint(0, 40, (150,), generator=g)
+    x = 3.0 * torch.randn(40, 16, generator=g, dtype=DT)[y] + 0.3 * torch.randn(150, 16, generator=g, dtype=DT)
+    x[5], y[5] = x[3], y[3]  # positive pair at distance 0
+    x[9] = x[4]
+    y[9] = y[4] + 1  # negative pair at distance 0 (a term, no gradient)
+    x[12] = x[11] + 0.2
+    y[12] = y[11] + 1  # a near negative
+    calls = {"fast": 0, "fallback": 0}
+    real = contrastive_mod._ContrastiveKernel.block_squared
+
+    def spy(self, *args):
+        out = real(self, *args)
+        calls["fallback" if out is _pairs.FALLBACK else "fast"] += 1
+        return out
+
+    monkeypatch.setattr(contrastive_mod._ContrastiveKernel, "block_squared", spy)
+    kw = dict(margin=1.0, pos_margin=0.1, squared=squared, reduction="mean_nonzero")
+    loss = ContrastiveLoss(**kw)
+    if ref_set:
+        r, ry = x[::2].clone(), y[::2].clone()
+        _check(lambda e, f: loss(e, y, ref_embeddings=f, ref_labels=ry),
+               lambda e, f: ref_contrastive(e, y, None, f, ry, **kw), x, r)
+    else:
+        _check(lambda e: loss(e, y), lambda e: ref_contrastive(e, y, **kw), x)
+    assert calls["fast"] >= 2 and calls["fallback"] == 0, calls  # several blocks, all on the fast path
 
 
 # ------------------------------------------------------------------ multi-similarity
@@ -349,6 +389,44 @@ def test_bad_mined_indices_raise(loss):
     for idx in bad:
         with pytest.raises((DataError, IndexError)):
             loss(x, y, idx)
+
+
+@pytest.mark.parametrize("squared", [True, False])
+@pytest.mark.parametrize("ref_set", [False, True])
+def test_contrastive_squared_distance_path(squared, ref_set, monkeypatch, request):
+    """Spread classes, a few near negatives, duplicate rows (a clamped positive and a clamped
+    negative distance): the squared-distance path takes every one of the (small) blocks (counted;
+    the bound is raised, a 16-row block's self-pairs alone are 1/9 of it), and values and gradients
+    match the dense reference."""
+    if request.node.callspec.params["_small_blocks"] != "lists-dense":
+        pytest.skip("the bound is set here")
+    monkeypatch.setattr(contrastive_mod, "_SPARSE_BOUND", 0.5)
+    g = torch.Generator().manual_seed(7)
+    y = torch.randint(0, 40, (150,), generator=g)
+    x = 3.0 * torch.randn(40, 16, generator=g, dtype=DT)[y] + 0.3 * torch.randn(150, 16, generator=g, dtype=DT)
+    x[5], y[5] = x[3], y[3]  # positive pair at distance 0
+    x[9] = x[4]
+    y[9] = y[4] + 1  # negative pair at distance 0 (a term, no gradient)
+    x[12] = x[11] + 0.2
+    y[12] = y[11] + 1  # a near negative
+    calls = {"fast": 0, "fallback": 0}
+    real = contrastive_mod._ContrastiveKernel.block_squared
+
+    def spy(self, *args):
+        out = real(self, *args)
+        calls["fallback" if out is _pairs.FALLBACK else "fast"] += 1
+        return out
+
+    monkeypatch.setattr(contrastive_mod._ContrastiveKernel, "block_squared", spy)
+    kw = dict(margin=1.0, pos_margin=0.1, squared=squared, reduction="mean_nonzero")
+    loss = ContrastiveLoss(**kw)
+    if ref_set:
+        r, ry = x[::2].clone(), y[::2].clone()
+        _check(lambda e, f: loss(e, y, ref_embeddings=f, ref_labels=ry),
+               lambda e, f: ref_contrastive(e, y, None, f, ry, **kw), x, r)
+    else:
+        _check(lambda e: loss(e, y), lambda e: ref_contrastive(e, y, **kw), x)
+    assert calls["fast"] >= 2 and calls["fallback"] == 0, calls  # several blocks, all on the fast path
 
 
 # ------------------------------------------------------------------ multi-similarity: fused mining

@@ -45,6 +45,7 @@ __all__ = [
     "PairKernel",
     "SparseGrad",
     "SPARSE_FRACTION",
+    "FALLBACK",
     "fused_pair_loss",
     "has_positive_label_pair",
     "has_negative_label_pair",
@@ -335,6 +336,10 @@ FUSED_KINDS = ("dot", "cosine", "squared_euclidean", "euclidean")
 BLOCK_ELEMS = 1 << 19
 
 
+#: Returned by :meth:`PairKernel.block_squared` to have a block done the regular way.
+FALLBACK = object()
+
+
 class PairKernel(ABC):
     """A loss over a pair matrix ``M`` (``(B, R)``) that returns its own gradient ``∂L/∂M``.
 
@@ -356,6 +361,19 @@ class PairKernel(ABC):
         """Hook on the raw squared distances of a block (euclidean kinds), before the clamp: a
         kernel may set entries that are not pairs to ``+inf`` (distance ``inf``: no term, zero
         gradient), which also keeps them out of the near-zero-distance check."""
+
+    def block_squared(self, d2: Tensor, r0: int, r1: int, c0: int) -> Tensor | SparseGrad | None | object:
+        """Optional fast path of the ``"euclidean"`` kind, on the raw squared distances of a block
+        (before the clamp and the square root, which it must not modify in place).
+
+        A kernel whose active entries can be found on ``d²`` (a hinge ``[m − d]₊`` is active iff
+        ``d² < m²``) takes square roots of those entries only. It returns :data:`FALLBACK` to have
+        the block done the regular way (:meth:`prepare`, clamp, square root, :meth:`block`), or
+        what :meth:`block` returns, except that a gradient is already the gradient w.r.t. ``d``
+        **divided by** ``d`` and zero where ``d²`` was clamped (below ``1e-12``): the framework
+        applies no further chain rule to it. The default always falls back.
+        """
+        return FALLBACK
 
     @abstractmethod
     def block(self, m: Tensor, r0: int, r1: int, c0: int) -> Tensor | SparseGrad | None:
@@ -459,6 +477,18 @@ class _FusedPairLoss(torch.autograd.Function):
                 assert x2 is not None and y2 is not None
                 m = torch.addmm(x2[r0:r1], x[r0:r1], yy[c0:].T, beta=1.0, alpha=-2.0)
                 m.add_(y2[:, c0:])
+                if not squared:
+                    g = kernel.block_squared(m, r0, r1, c0)
+                    if g is not FALLBACK:  # its gradient needs no chain rule any more
+                        if g is None or not kernel.need_grad:
+                            pending.append((r0, r1, c0))
+                        elif isinstance(g, SparseGrad):
+                            sparse.append((g.rows + r0, g.cols + c0, g.values))
+                        else:
+                            assert isinstance(g, Tensor)
+                            dense.append((r0, r1, c0, g))
+                        del m, g
+                        continue
                 kernel.prepare(m, r0, r1, c0)
                 if kernel.need_grad and float(m.amin()) < thr:
                     fails = m < thr  # clamped entries: zero gradient
@@ -539,17 +569,18 @@ class _FusedPairLoss(torch.autograd.Function):
         for k in range(ctx.n_sparse):
             rows, cols, vals = flat[3 * k : 3 * k + 3]
             w = vals.unsqueeze(1)
+            # index_select: about twice as fast as advanced indexing (x[rows]) on CPU
             if euclid:
-                diff = (x[rows] - yy[cols]).mul_(w)
+                diff = (x.index_select(0, rows) - yy.index_select(0, cols)).mul_(w)
                 if gx is not None:
                     gx.index_add_(0, rows, diff)
                 if gy is not None:
                     gy.index_add_(0, cols, diff, alpha=-1.0)
             else:
                 if gx is not None:
-                    gx.index_add_(0, rows, yy[cols].mul_(w))
+                    gx.index_add_(0, rows, yy.index_select(0, cols).mul_(w))
                 if gy is not None:
-                    gy.index_add_(0, cols, x[rows].mul_(w))
+                    gy.index_add_(0, cols, x.index_select(0, rows).mul_(w))
         factor = grad_out * ctx.scale
         if same:
             assert gx is not None

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from deepmetric.errors import DataError, NonFiniteError
 from deepmetric.losses._pairs import (
     BLOCK_ELEMS,
+    FALLBACK,
     SPARSE_FRACTION,
     PairKernel,
     SparseGrad,
@@ -38,6 +39,11 @@ def contrastive_pair_terms(
 
 #: Entries per row block of the fused kernel (see :data:`deepmetric.losses._pairs.BLOCK_ELEMS`).
 _BLOCK = BLOCK_ELEMS
+
+#: Squared-distance fast path (sparse gradient): taken when at most this fraction of a block's entries
+#: are near negatives and positive pairs (the lower triangle's positives counted too).
+_SPARSE_BOUND = SPARSE_FRACTION
+_EPS = 1e-12  # the clamp of the squared euclidean distance (deepmetric.distances)
 
 #: Positive pairs go in index lists up to this fraction of all pairs (dense masks beyond).
 _PAIR_LIST_FRACTION = 1 / 8
@@ -125,6 +131,46 @@ class _ContrastiveKernel(PairKernel):
         grad = hinge if self.squared else hinge.sign_()
         grad[pr, pc] = grad_p
         return grad
+
+    def block_squared(self, d2: Tensor, r0: int, r1: int, c0: int) -> Tensor | SparseGrad | None | object:
+        """Label pairs, ``"euclidean"``: a negative pair has a term iff ``d² < m²``, so the square
+        roots (and everything after) are taken on the positive pairs and those near negatives only.
+        Falls back to the dense path when the block has too many of them."""
+        if self.pairs is None:
+            return FALLBACK
+        rows, cols, ptr = self.pairs
+        lo, hi = int(ptr[r0]), int(ptr[r1])
+        if hi - lo > _SPARSE_BOUND * d2.numel():
+            return FALLBACK  # large classes: too many positive pairs alone
+        pr, pc = rows[lo:hi] - r0, cols[lo:hi] - c0
+        # a slightly loose bound (rounding of m² and of the square root): extra entries get h = 0
+        bound = (self.margin * (1.0 + 1e-5)) ** 2 if self.margin > 0.0 else -1.0
+        near = d2 < bound  # near negatives, plus positives, self-pairs and (upper) the lower triangle
+        near[pr, pc] = False
+        found = int(torch.count_nonzero(near)) - (r1 - r0 if self.same and bound > 0.0 else 0)  # not self-pairs
+        if found + pr.numel() > _SPARSE_BOUND * near.numel():
+            return FALLBACK  # many active pairs: the dense path (one matmul in the backward) is faster
+        nr, nc = near.nonzero(as_tuple=True)
+        del near
+        if self.same:  # pairs only: j > i (upper) or j ≠ i
+            keep = nc + (c0 - r0) > nr if self.upper else nc + (c0 - r0) != nr
+            nr, nc = nr[keep], nc[keep]
+        self.dtype = d2.dtype
+        sq = torch.cat([d2[nr, nc], d2[pr, pc]])
+        dist = sq.clamp_min(_EPS).sqrt_()
+        k = nr.numel()
+        hinge = torch.rsub(dist[:k], self.margin).relu_()
+        hinge_p = (dist[k:] - self.pos_margin).relu_()
+        self._accumulate(hinge, hinge_p)
+        if not self.need_grad:
+            return None
+        # the label path's sign convention (negatives +h^{q-1}, positives −h^{q-1}), then / d
+        if self.squared:
+            vals = torch.cat([hinge, hinge_p.neg_()])
+        else:
+            vals = torch.cat([hinge.sign_(), hinge_p.sign_().neg_()])
+        vals.div_(dist).masked_fill_(sq < _EPS, 0.0)  # a clamped distance passes no gradient
+        return SparseGrad(torch.cat([nr, pr]), torch.cat([nc, pc]), vals)
 
     def _accumulate(self, hinge: Tensor, hinge_p: Tensor | None = None) -> int:
         """Add the terms ``h^q`` (and the non-zero count); return the number of non-zero ``h``."""
