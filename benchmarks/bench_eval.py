@@ -251,6 +251,7 @@ def write_report(results: list[dict], study: list[dict], ami_rows: list[dict] | 
             sk = f"{a['sklearn_s']:.2f}" if "sklearn_s" in a else "not run"
             diff = f"{a['abs_diff']:.1e}" if "abs_diff" in a else "—"
             lines.append(f"| {a['n']:,} / {a['classes']:,} | {a['deepmetric_s']:.2f} | {sk} | {diff} |")
+    full_1m = [r for r in results if r.get("n") == 1_000_000 and not r.get("projected") and "error" not in r]
     lines += ["", "Notes:", "",
               "- k-NN metrics are exact on both sides (faiss exhaustive L2 search with k = R_max + 1, self removed by "
               "index), so P@1 / R-Precision / MAP@R agree to float64 round-off; NMI/AMI differ because the k-means "
@@ -260,14 +261,22 @@ def write_report(results: list[dict], study: list[dict], ami_rows: list[dict] | 
               "(a systematic, not seed-level, difference: k-means is less converged).",
               "- deepmetric's AMI uses an exact expected-mutual-information sum grouped by cluster sizes "
               "(sklearn loops over every pair of clusters; see the AMI table).",
-              "- The machine is a 2-core VM shared with ~9 other jobs: load average 3-12 during these runs, so absolute "
+              "- The machine is a 2-core VM shared with ~9 other jobs: load average 3-12 during the 10k/100k runs (the 1M "
+              "run had it to itself, load ~2), so absolute "
               "times swing by several x (OpenMP threads stall when a core is taken). Sides alternate in rounds and the "
               "fastest round of each is kept; all rounds are listed in brackets.",
-              "- 1M: the exhaustive k-NN needs N²·D·2 = 2.6e14 FLOP, about 40 min at this machine's unloaded 2-thread "
-              "GEMM rate (~100 GFLOP/s), above the 15-minute budget, so a 1M row (if present) is a projection: a "
-              "query subset searched against all 1M items (time scaled by N / queries) and one k-means iteration "
-              "(time scaled to the 10 iterations; memory as in the full run). Its metric values are not leave-one-out "
-              "values (the subset queries find themselves in the gallery) and its NMI/AMI are not computed.",
+              "- 1M: the exhaustive k-NN needs N²·D·2 = 2.6e14 FLOP (the floor column: its time at the GEMM rate "
+              "measured right after the run). "
+              + ("The 1M row is a full leave-one-out run (`--sizes 1000000 --sides deepmetric`): every query against "
+                 "all 1M items, exact, then the 10-iteration k-means and NMI/AMI, in one process. Its extra peak is "
+                 "the whole evaluation's; the process' total peak RSS, with the 512 MB of embeddings and the "
+                 "libraries, was " + ", ".join(f"{r['baseline_rss_mb'] + r['peak_extra_mb']:,.0f} MB" for r in full_1m)
+                 + ". "
+                 if full_1m else
+                 "A 1M row marked (projected) comes from `--max-queries`: a query subset searched against all 1M "
+                 "items (time scaled by N / queries) and one k-means iteration (time scaled to the 10 iterations; "
+                 "memory as in the full run); its metric values are not leave-one-out values and its NMI/AMI are not "
+                 "computed."),
               ]
     (RESULTS / "bench_eval.md").write_text("\n".join(lines) + "\n")
 
