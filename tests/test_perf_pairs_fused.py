@@ -391,44 +391,6 @@ def test_bad_mined_indices_raise(loss):
             loss(x, y, idx)
 
 
-@pytest.mark.parametrize("squared", [True, False])
-@pytest.mark.parametrize("ref_set", [False, True])
-def test_contrastive_squared_distance_path(squared, ref_set, monkeypatch, request):
-    """Spread classes, a few near negatives, duplicate rows (a clamped positive and a clamped
-    negative distance): the squared-distance path takes every one of the (small) blocks (counted;
-    the bound is raised, a 16-row block's self-pairs alone are 1/9 of it), and values and gradients
-    match the dense reference."""
-    if request.node.callspec.params["_small_blocks"] != "lists-dense":
-        pytest.skip("the bound is set here")
-    monkeypatch.setattr(contrastive_mod, "_SPARSE_BOUND", 0.5)
-    g = torch.Generator().manual_seed(7)
-    y = torch.randint(0, 40, (150,), generator=g)
-    x = 3.0 * torch.randn(40, 16, generator=g, dtype=DT)[y] + 0.3 * torch.randn(150, 16, generator=g, dtype=DT)
-    x[5], y[5] = x[3], y[3]  # positive pair at distance 0
-    x[9] = x[4]
-    y[9] = y[4] + 1  # negative pair at distance 0 (a term, no gradient)
-    x[12] = x[11] + 0.2
-    y[12] = y[11] + 1  # a near negative
-    calls = {"fast": 0, "fallback": 0}
-    real = contrastive_mod._ContrastiveKernel.block_squared
-
-    def spy(self, *args):
-        out = real(self, *args)
-        calls["fallback" if out is _pairs.FALLBACK else "fast"] += 1
-        return out
-
-    monkeypatch.setattr(contrastive_mod._ContrastiveKernel, "block_squared", spy)
-    kw = dict(margin=1.0, pos_margin=0.1, squared=squared, reduction="mean_nonzero")
-    loss = ContrastiveLoss(**kw)
-    if ref_set:
-        r, ry = x[::2].clone(), y[::2].clone()
-        _check(lambda e, f: loss(e, y, ref_embeddings=f, ref_labels=ry),
-               lambda e, f: ref_contrastive(e, y, None, f, ry, **kw), x, r)
-    else:
-        _check(lambda e: loss(e, y), lambda e: ref_contrastive(e, y, **kw), x)
-    assert calls["fast"] >= 2 and calls["fallback"] == 0, calls  # several blocks, all on the fast path
-
-
 # ------------------------------------------------------------------ multi-similarity: fused mining
 @pytest.mark.parametrize("base,classes,b", [(0.5, 6, 37), (1.0, 3, 40), (0.5, 40, 45)])
 def test_multi_similarity_fused_mining_equals_mining_then_loss(base, classes, b):
