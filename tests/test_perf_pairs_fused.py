@@ -222,6 +222,27 @@ def test_contrastive_squared_distance_path(squared, ref_set, monkeypatch, reques
     assert calls["fast"] >= 2 and calls["fallback"] == 0, calls  # several blocks, all on the fast path
 
 
+def test_contrastive_class_blocks(monkeypatch, request):
+    """The positive pairs' gradient in per-class (K, K) blocks (batch against itself) equals the
+    reference; very uneven classes (C·K² > B²/2) use the pair list instead, also exact."""
+    if request.node.callspec.params["_small_blocks"] != "lists-squared":
+        pytest.skip("the fast path is forced by this fixture parameter")
+    assert contrastive_mod._class_layout(torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])) is not None
+    uneven = torch.cat([torch.zeros(20, dtype=torch.long), torch.arange(1, 21)])
+    assert contrastive_mod._class_layout(uneven) is None  # 21 classes × 20² > 40² / 2
+    used = []
+    real = contrastive_mod._ContrastiveKernel.extra_grad
+    monkeypatch.setattr(contrastive_mod._ContrastiveKernel, "extra_grad",
+                        lambda self, x: used.append(self.weights is not None) or real(self, x))
+    g = torch.Generator().manual_seed(9)
+    for y in (torch.randint(0, 5, (60,), generator=g), uneven):
+        x = 0.4 * torch.randn(y.shape[0], 8, generator=g, dtype=DT)
+        kw = dict(margin=0.8, pos_margin=0.05, squared=False, reduction="mean")
+        loss = ContrastiveLoss(**kw)
+        _check(lambda e: loss(e, y), lambda e: ref_contrastive(e, y, **kw), x)
+    assert used == [True, False]  # class blocks for the first batch only
+
+
 # ------------------------------------------------------------------ multi-similarity
 @pytest.mark.parametrize("params", [(2.0, 50.0, 0.5), (2.0, 50.0, 1.0), (2.0, 120.0, -0.5), (0.5, 3.0, 0.0)])
 @pytest.mark.parametrize("kind", ["labels", "pairs", "triplets", "ref", "ref_pairs"])

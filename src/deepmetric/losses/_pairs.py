@@ -362,6 +362,12 @@ class PairKernel(ABC):
         kernel may set entries that are not pairs to ``+inf`` (distance ``inf``: no term, zero
         gradient), which also keeps them out of the near-zero-distance check."""
 
+    def extra_grad(self, x: Tensor) -> Tensor | None:
+        """Optional, batch against itself only: a gradient term the kernel keeps in its own layout,
+        added to ``∂/∂x`` in the backward pass before the scale (the convention of ``V``:
+        ``Σ_j W_ij (x_i − x_j)`` for the euclidean kinds). Default: none."""
+        return None
+
     def block_squared(self, d2: Tensor, r0: int, r1: int, c0: int) -> Tensor | SparseGrad | None | object:
         """Optional fast path of the ``"euclidean"`` kind, on the raw squared distances of a block
         (before the clamp and the square root, which it must not modify in place).
@@ -523,6 +529,7 @@ class _FusedPairLoss(torch.autograd.Function):
         elif squared:
             scale = 2.0 * scale
         ctx.kind, ctx.same, ctx.scale = kind, same, float(scale)
+        ctx.kernel = kernel if same and kernel.need_grad else None  # for extra_grad
         ctx.coords = [(r0, r1, c0) for r0, r1, c0, _ in dense]
         ctx.n_sparse = len(sparse)
         ctx.normalize = normalize
@@ -584,6 +591,9 @@ class _FusedPairLoss(torch.autograd.Function):
         factor = grad_out * ctx.scale
         if same:
             assert gx is not None
+            extra = ctx.kernel.extra_grad(x) if ctx.kernel is not None else None
+            if extra is not None:
+                gx.add_(extra)
             gx.mul_(factor)
             if ctx.normalize:
                 gx = _normalize_backward(gx, x, norms[0])

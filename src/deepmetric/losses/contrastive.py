@@ -45,6 +45,22 @@ _BLOCK = BLOCK_ELEMS
 _SPARSE_BOUND = SPARSE_FRACTION
 _EPS = 1e-12  # the clamp of the squared euclidean distance (deepmetric.distances)
 
+def _class_layout(labels: Tensor) -> tuple[Tensor, Tensor, int, int] | None:
+    """``(class, slot, C, K)``: each sample's compact class and its rank within the class (stable
+    order), the number of classes and the largest class; ``None`` when ``C·K²`` would exceed ``B²/2``
+    entries (very uneven classes: the per-class blocks would outgrow a distance matrix)."""
+    _, cls, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    classes, width = int(counts.numel()), int(counts.max())
+    batch = labels.shape[0]
+    if classes * width * width > batch * batch // 2:
+        return None
+    order = torch.argsort(cls, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(cls)
+    slot[order] = torch.arange(batch, device=labels.device) - starts[cls[order]]
+    return cls, slot, classes, width
+
+
 #: Positive pairs go in index lists up to this fraction of all pairs (dense masks beyond).
 _PAIR_LIST_FRACTION = 1 / 8
 
@@ -81,6 +97,7 @@ class _ContrastiveKernel(PairKernel):
         upper: bool = False,
         pos: Tensor | None = None,
         neg: Tensor | None = None,
+        labels: Tensor | None = None,
     ) -> None:
         self.margin, self.pos_margin, self.squared, self.reduction = margin, pos_margin, squared, reduction
         self.kind = kind
@@ -90,6 +107,9 @@ class _ContrastiveKernel(PairKernel):
         self.nonzero = 0
         self.dtype: torch.dtype | None = None
         self.tri: dict[int, Tensor] = {}
+        # class layout for the positive pairs' gradient (batch against itself, label pairs)
+        self.layout = _class_layout(labels) if labels is not None and same and upper else None
+        self.weights: Tensor | None = None  # (C, K, K) symmetric: the positive pairs' V entries
 
     # -- label pairs -------------------------------------------------------------------------
     def _not_pairs(self, m: Tensor, r0: int, r1: int, c0: int) -> None:
@@ -98,10 +118,7 @@ class _ContrastiveKernel(PairKernel):
             return
         nb = r1 - r0
         if self.upper:
-            tri = self.tri.get(nb)
-            if tri is None:
-                tri = self.tri[nb] = torch.ones(nb, nb, dtype=torch.bool, device=m.device).tril_()
-            m[:, :nb].masked_fill_(tri, float("inf"))
+            m[:, :nb].masked_fill_(self._tril(nb, m.device), float("inf"))
         else:
             m[:, r0 - c0 : r1 - c0].fill_diagonal_(float("inf"))
 
@@ -135,28 +152,37 @@ class _ContrastiveKernel(PairKernel):
     def block_squared(self, d2: Tensor, r0: int, r1: int, c0: int) -> Tensor | SparseGrad | None | object:
         """Label pairs, ``"euclidean"``: a negative pair has a term iff ``d² < m²``, so the square
         roots (and everything after) are taken on the positive pairs and those near negatives only.
-        Falls back to the dense path when the block has too many of them."""
+
+        The near negatives' gradient is sparse. The positive pairs' gradient goes, for a batch
+        against itself, into per-class ``(K, K)`` weight blocks (one batched matmul in the backward,
+        however large the classes), otherwise into the sparse list. Falls back to the dense path
+        when there are too many near negatives (or, without the class blocks, positive pairs)."""
         if self.pairs is None:
             return FALLBACK
         rows, cols, ptr = self.pairs
         lo, hi = int(ptr[r0]), int(ptr[r1])
-        if hi - lo > _SPARSE_BOUND * d2.numel():
+        blocked = self.layout is not None
+        if not blocked and hi - lo > _SPARSE_BOUND * d2.numel():
             return FALLBACK  # large classes: too many positive pairs alone
         pr, pc = rows[lo:hi] - r0, cols[lo:hi] - c0
         # a slightly loose bound (rounding of m² and of the square root): extra entries get h = 0
         bound = (self.margin * (1.0 + 1e-5)) ** 2 if self.margin > 0.0 else -1.0
+        width = d2.shape[1]
+        flat_p = torch.add(pc, pr, alpha=width)  # flat cells: index_select/index_fill beat 2-D indexing
         near = d2 < bound  # near negatives, plus positives, self-pairs and (upper) the lower triangle
-        near[pr, pc] = False
-        found = int(torch.count_nonzero(near)) - (r1 - r0 if self.same and bound > 0.0 else 0)  # not self-pairs
-        if found + pr.numel() > _SPARSE_BOUND * near.numel():
+        near.view(-1).index_fill_(0, flat_p, False)
+        if self.same and self.upper:  # not pairs: the diagonal block's lower triangle and diagonal
+            near[:, : r1 - r0].masked_fill_(self._tril(r1 - r0, d2.device), False)
+        elif self.same:
+            near[:, r0 - c0 : r1 - c0].fill_diagonal_(False)
+        found = int(torch.count_nonzero(near))
+        if found + (0 if blocked else pr.numel()) > _SPARSE_BOUND * near.numel():
             return FALLBACK  # many active pairs: the dense path (one matmul in the backward) is faster
-        nr, nc = near.nonzero(as_tuple=True)
+        flat_n = near.view(-1).nonzero().squeeze(1)
         del near
-        if self.same:  # pairs only: j > i (upper) or j ≠ i
-            keep = nc + (c0 - r0) > nr if self.upper else nc + (c0 - r0) != nr
-            nr, nc = nr[keep], nc[keep]
+        nr, nc = torch.div(flat_n, width, rounding_mode="floor"), torch.remainder(flat_n, width)
         self.dtype = d2.dtype
-        sq = torch.cat([d2[nr, nc], d2[pr, pc]])
+        sq = d2.view(-1).index_select(0, torch.cat([flat_n, flat_p]))
         dist = sq.clamp_min(_EPS).sqrt_()
         k = nr.numel()
         hinge = torch.rsub(dist[:k], self.margin).relu_()
@@ -170,7 +196,39 @@ class _ContrastiveKernel(PairKernel):
         else:
             vals = torch.cat([hinge.sign_(), hinge_p.sign_().neg_()])
         vals.div_(dist).masked_fill_(sq < _EPS, 0.0)  # a clamped distance passes no gradient
-        return SparseGrad(torch.cat([nr, pr]), torch.cat([nc, pc]), vals)
+        if not blocked:
+            return SparseGrad(torch.cat([nr, pr]), torch.cat([nc, pc]), vals)
+        self._add_positive_weights(pr + r0, pc + c0, vals[k:])
+        return SparseGrad(nr, nc, vals[:k])
+
+    def _tril(self, nb: int, device: torch.device) -> Tensor:
+        tri = self.tri.get(nb)
+        if tri is None:
+            tri = self.tri[nb] = torch.ones(nb, nb, dtype=torch.bool, device=device).tril_()
+        return tri
+
+    def _add_positive_weights(self, i: Tensor, j: Tensor, vals: Tensor) -> None:
+        """Store the ``V`` entries of positive pairs ``(i, j)`` (global, ``i < j``) in both orders."""
+        assert self.layout is not None
+        cls, slot, classes, width = self.layout
+        if self.weights is None:
+            self.weights = vals.new_zeros(classes, width, width)
+        c, si, sj = cls.index_select(0, i), slot.index_select(0, i), slot.index_select(0, j)
+        base = c.mul_(width)
+        flat = self.weights.view(-1)
+        flat.index_copy_(0, (base + si).mul_(width).add_(sj), vals)  # (c, si, sj); pairs are distinct
+        flat.index_copy_(0, (base + sj).mul_(width).add_(si), vals)  # (c, sj, si)
+
+    def extra_grad(self, x: Tensor) -> Tensor | None:
+        """``Σ_{j ∈ P(i)} W_ij (x_i − x_j)`` per class: ``rowsum(W_c) X_c − W_c X_c``, one ``bmm``."""
+        if self.weights is None or self.layout is None:
+            return None
+        cls, slot, classes, width = self.layout
+        w = self.weights.to(x.dtype)
+        xc = x.new_zeros(classes, width, x.shape[1])
+        xc[cls, slot] = x
+        g = torch.baddbmm(xc * w.sum(2, keepdim=True), w, xc, alpha=-1.0)
+        return g[cls, slot]
 
     def _accumulate(self, hinge: Tensor, hinge_p: Tensor | None = None) -> int:
         """Add the terms ``h^q`` (and the non-zero count); return the number of non-zero ``h``."""
@@ -271,7 +329,8 @@ def contrastive_loss(
             return zero_loss(embeddings, None if same_set else ref)
     if pairs is not None:
         kernel = _ContrastiveKernel(
-            pairs=pairs, batch=batch, width=ref_size, same=same_set, upper=same_set, **common  # type: ignore[arg-type]
+            pairs=pairs, batch=batch, width=ref_size, same=same_set, upper=same_set,
+            labels=labels if same_set and distance == "euclidean" else None, **common,  # type: ignore[arg-type]
         )
     else:
         pos, neg = resolve_masks(labels, None if same_set else ref_lab, indices, batch, ref_size)
