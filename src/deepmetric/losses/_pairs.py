@@ -378,6 +378,9 @@ class PairKernel(ABC):
         what :meth:`block` returns, except that a gradient is already the gradient w.r.t. ``d``
         **divided by** ``d`` and zero where ``d²`` was clamped (below ``1e-12``): the framework
         applies no further chain rule to it. The default always falls back.
+
+        A kernel that overrides this method gets every block in one reused buffer, so neither this
+        method nor :meth:`block` may return or keep the block tensor itself.
         """
         return FALLBACK
 
@@ -472,7 +475,13 @@ class _FusedPairLoss(torch.autograd.Function):
         dense: list[tuple[int, int, int, Tensor]] = []
         sparse: list[tuple[Tensor, Tensor, Tensor]] = []
         pending: list[tuple[int, int, int]] = []
-        for r0, r1 in _row_blocks(x.shape[0], yy.shape[0], upper, target):
+        blocks = _row_blocks(x.shape[0], yy.shape[0], upper, target)
+        # a kernel with the squared-distance path keeps no block: one buffer serves them all
+        scratch = None
+        if kind == "euclidean" and type(kernel).block_squared is not PairKernel.block_squared:
+            cells = max((r1 - r0) * (yy.shape[0] - (r0 if upper else 0)) for r0, r1 in blocks)
+            scratch = torch.empty(cells, dtype=x.dtype, device=x.device)
+        for r0, r1 in blocks:
             c0 = r0 if upper else 0
             fails = None
             if kind == "dot":
@@ -481,7 +490,11 @@ class _FusedPairLoss(torch.autograd.Function):
                 m = torch.addmm(one, x[r0:r1], yy[c0:].T, beta=1.0, alpha=-1.0)
             else:
                 assert x2 is not None and y2 is not None
-                m = torch.addmm(x2[r0:r1], x[r0:r1], yy[c0:].T, beta=1.0, alpha=-2.0)
+                if scratch is not None:
+                    out = scratch[: (r1 - r0) * (yy.shape[0] - c0)].view(r1 - r0, yy.shape[0] - c0)
+                    m = torch.addmm(x2[r0:r1], x[r0:r1], yy[c0:].T, beta=1.0, alpha=-2.0, out=out)
+                else:
+                    m = torch.addmm(x2[r0:r1], x[r0:r1], yy[c0:].T, beta=1.0, alpha=-2.0)
                 m.add_(y2[:, c0:])
                 if not squared:
                     g = kernel.block_squared(m, r0, r1, c0)

@@ -110,6 +110,7 @@ class _ContrastiveKernel(PairKernel):
         # class layout for the positive pairs' gradient (batch against itself, label pairs)
         self.layout = _class_layout(labels) if labels is not None and same and upper else None
         self.weights: Tensor | None = None  # (C, K, K) symmetric: the positive pairs' V entries
+        self._near: Tensor | None = None  # block_squared's mask buffer
 
     # -- label pairs -------------------------------------------------------------------------
     def _not_pairs(self, m: Tensor, r0: int, r1: int, c0: int) -> None:
@@ -169,7 +170,10 @@ class _ContrastiveKernel(PairKernel):
         bound = (self.margin * (1.0 + 1e-5)) ** 2 if self.margin > 0.0 else -1.0
         width = d2.shape[1]
         flat_p = torch.add(pc, pr, alpha=width)  # flat cells: index_select/index_fill beat 2-D indexing
-        near = d2 < bound  # near negatives, plus positives, self-pairs and (upper) the lower triangle
+        if self._near is None or self._near.numel() < d2.numel():
+            self._near = torch.empty(d2.numel(), dtype=torch.bool, device=d2.device)  # reused by every block
+        near = torch.lt(d2, bound, out=self._near[: d2.numel()].view(d2.shape))
+        # near: near negatives, plus positives, self-pairs and (upper) the lower triangle
         near.view(-1).index_fill_(0, flat_p, False)
         if self.same and self.upper:  # not pairs: the diagonal block's lower triangle and diagonal
             near[:, : r1 - r0].masked_fill_(self._tril(r1 - r0, d2.device), False)
