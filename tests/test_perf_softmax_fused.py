@@ -29,6 +29,7 @@ from deepmetric.losses import (
 )
 from deepmetric.losses._fused import label_groups
 from deepmetric.losses._pairs import masked_logsumexp, resolve_masks
+from deepmetric.losses._pairs import self_free_pair_masks as _masks
 from deepmetric.losses.soft_triple import soft_triple_regularizer
 from deepmetric.tuples import masks_to_pairs, zero_loss
 
@@ -36,16 +37,6 @@ D64 = torch.float64
 
 
 # ------------------------------------------------------------------------------ autograd references
-def _masks(labels, ref_labels, indices, b, r):
-    if isinstance(indices, (tuple, list)) and len(indices) == 3:
-        indices = (indices[0], indices[1], indices[0], indices[2])
-    pos, neg = resolve_masks(labels, ref_labels, indices, b, r)
-    if indices is not None and ref_labels is None:
-        pos.fill_diagonal_(False)
-        neg.fill_diagonal_(False)
-    return pos, neg
-
-
 def ref_sup_con(x, y, indices=None, rx=None, ry=None, temperature=0.1):
     ref = x if rx is None else rx
     logits = cosine_similarity(x, rx) / temperature

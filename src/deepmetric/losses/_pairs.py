@@ -542,7 +542,9 @@ class _FusedPairLoss(torch.autograd.Function):
         elif squared:
             scale = 2.0 * scale
         ctx.kind, ctx.same, ctx.scale = kind, same, float(scale)
-        ctx.kernel = kernel if same and kernel.need_grad else None  # for extra_grad
+        # kept for the backward only by a kernel with an extra gradient term (others are freed here)
+        has_extra = type(kernel).extra_grad is not PairKernel.extra_grad
+        ctx.kernel = kernel if same and kernel.need_grad and has_extra else None
         ctx.coords = [(r0, r1, c0) for r0, r1, c0, _ in dense]
         ctx.n_sparse = len(sparse)
         ctx.normalize = normalize

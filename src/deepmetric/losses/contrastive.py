@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from deepmetric.errors import DataError, NonFiniteError
 from deepmetric.losses._pairs import (
+    _EPS,
     BLOCK_ELEMS,
     FALLBACK,
     SPARSE_FRACTION,
@@ -43,7 +44,6 @@ _BLOCK = BLOCK_ELEMS
 #: Squared-distance fast path (sparse gradient): taken when at most this fraction of a block's entries
 #: are near negatives and positive pairs (the lower triangle's positives counted too).
 _SPARSE_BOUND = SPARSE_FRACTION
-_EPS = 1e-12  # the clamp of the squared euclidean distance (deepmetric.distances)
 
 def _class_layout(labels: Tensor) -> tuple[Tensor, Tensor, int, int] | None:
     """``(class, slot, C, K)``: each sample's compact class and its rank within the class (stable
@@ -107,8 +107,10 @@ class _ContrastiveKernel(PairKernel):
         self.nonzero = 0
         self.dtype: torch.dtype | None = None
         self.tri: dict[int, Tensor] = {}
-        # class layout for the positive pairs' gradient (batch against itself, label pairs)
-        self.layout = _class_layout(labels) if labels is not None and same and upper else None
+        # class layout for the positive pairs' gradient (batch against itself, label pairs), built
+        # by the first block that takes the squared-distance path
+        self.labels = labels if same and upper else None
+        self.layout: tuple[Tensor, Tensor, int, int] | None = None
         self.weights: Tensor | None = None  # (C, K, K) symmetric: the positive pairs' V entries
         self._near: Tensor | None = None  # block_squared's mask buffer
 
@@ -162,6 +164,8 @@ class _ContrastiveKernel(PairKernel):
             return FALLBACK
         rows, cols, ptr = self.pairs
         lo, hi = int(ptr[r0]), int(ptr[r1])
+        if self.labels is not None:
+            self.layout, self.labels = _class_layout(self.labels), None
         blocked = self.layout is not None
         if not blocked and hi - lo > _SPARSE_BOUND * d2.numel():
             return FALLBACK  # large classes: too many positive pairs alone
@@ -175,10 +179,8 @@ class _ContrastiveKernel(PairKernel):
         near = torch.lt(d2, bound, out=self._near[: d2.numel()].view(d2.shape))
         # near: near negatives, plus positives, self-pairs and (upper) the lower triangle
         near.view(-1).index_fill_(0, flat_p, False)
-        if self.same and self.upper:  # not pairs: the diagonal block's lower triangle and diagonal
+        if self.upper:  # (the batch against itself) not pairs: the diagonal block's lower triangle
             near[:, : r1 - r0].masked_fill_(self._tril(r1 - r0, d2.device), False)
-        elif self.same:
-            near[:, r0 - c0 : r1 - c0].fill_diagonal_(False)
         found = int(torch.count_nonzero(near))
         if found + (0 if blocked else pr.numel()) > _SPARSE_BOUND * near.numel():
             return FALLBACK  # many active pairs: the dense path (one matmul in the backward) is faster
@@ -286,6 +288,7 @@ class _ContrastiveKernel(PairKernel):
         return int((self.pos | self.neg).sum())
 
     def finish(self) -> tuple[Tensor, float, list[Tensor] | None]:
+        self._near = None  # the mask buffer is not needed by the backward
         mult = 2 if self.upper else 1  # each visited unordered pair stands for both orders
         total = self.total * mult
         if self.reduction == "sum":
