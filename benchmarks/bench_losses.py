@@ -7,14 +7,23 @@ configuration (loss, label layout, B) runs in its own subprocess:
 
 1. warm-up + peak memory, one side at a time: the peak RSS is reset (``/proc/self/clear_refs``
    ``5``; the high-water mark that ``getrusage().ru_maxrss`` reports), one forward + backward runs,
-   and "peak MB" = ``VmHWM`` − the RSS just before the call. glibc is told to ``mmap`` every
-   allocation ≥ 128 KiB (``MALLOC_MMAP_THRESHOLD_``) so freed tensors go back to the OS and the
-   second side starts from the same baseline;
+   and "peak MB" = ``VmHWM`` − the RSS just before the call. During this phase glibc is told
+   (``mallopt``) to ``mmap`` every allocation ≥ 128 KiB and to trim the heap above 128 KiB, so freed
+   tensors go back to the OS and the second side starts from the same baseline;
 2. value check: the two values (and the gradients w.r.t. the embeddings, where the mapping is the
    identity) must agree (float32: |Δ| ≤ 2e-4·|v| + 1e-6, gradient relative L2 error ≤ 2e-3); a
    configuration whose values disagree is **not timed** (status ``values disagree``);
 3. timing: ``reps`` rounds alternating deepmetric, PML and the floor (the order rotates every round);
-   fast calls are repeated inside one measurement; the median per call is reported.
+   fast calls are repeated inside one measurement; the median per call is reported. Before it the
+   allocator is set to what a long-running process reaches by itself with glibc's defaults (the
+   dynamic thresholds at their ceiling: allocations up to 32 MiB reuse heap memory) — with the
+   peak phase's settings every fresh tensor ≥ 128 KiB costs page faults, which inflated every
+   small-batch time about 3× (both sides) compared with a user's process.
+
+``--env user`` (default) runs the children with the OpenMP library's default wait policy, as a user's
+process; ``--env quiet`` reproduces the setting of the earlier tables (``OMP_WAIT_POLICY=PASSIVE``
+and the peak phase's allocator settings for the timing too; each OpenMP region then pays a thread
+wake-up), for a machine so loaded that spinning threads distort the timings.
 
 Floor = the bare distance matmul: ``x @ x.T`` on ``x (B, 128)`` with ``requires_grad`` and the
 backward of its sum, timed in the same rounds. Both sides run with ``torch.set_num_threads(2)``
@@ -88,6 +97,24 @@ def rss_mb() -> float:
 def peak_mb() -> float:
     # VmHWM is the value ru_maxrss reports (KiB), resettable per side through clear_refs.
     return max(_status_kb("VmHWM"), 0) / 1024
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def set_allocator(mmap_bytes: int, trim_bytes: int) -> bool:
+    """glibc's mmap and trim thresholds for the rest of the process (``False`` without glibc)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_bytes)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_bytes))
+
+
+PEAK_ALLOCATOR = (128 << 10, 128 << 10)  # every allocation >= 128 KiB mmap-ed, the heap trimmed above 128 KiB
+USER_ALLOCATOR = (32 << 20, 64 << 20)  # glibc's dynamic thresholds at their ceiling (64-bit)
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -187,8 +214,11 @@ def build(name: str, x, labels) -> dict[str, Any]:
                 "ours timed as loss(x, y, miner=m) (fused: the bands are evaluated in the loss's blocks, the triplets never listed)"
             )
         elif miner == "hard":
-            pair(ours_loss, pml_loss, M.HardMiner(distance="euclidean"), PM.BatchHardMiner(distance=lp))
-            spec["mapping"] = text + "; HardMiner('euclidean') == PML BatchHardMiner(same LpDistance)"
+            pair(ours_loss, pml_loss, M.HardMiner(distance="euclidean"), PM.BatchHardMiner(distance=lp), fused=True)
+            spec["mapping"] = text + (
+                "; HardMiner('euclidean') == PML BatchHardMiner(same LpDistance); ours timed as loss(x, y, miner=m) "
+                "(the miner's blocks, then the per-anchor terms without index checks)"
+            )
         elif miner == "multi_similarity":
             pair(ours_loss, pml_loss, M.MultiSimilarityMiner(epsilon=0.1), PM.MultiSimilarityMiner(epsilon=0.1))
             spec["mapping"] = text + "; MultiSimilarityMiner(0.1) == PML MultiSimilarityMiner(0.1) (pairs -> every (a,p,n) of a mined positive and a mined negative pair)"
@@ -385,7 +415,9 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or "can't allocate" in text or "out of memory" in text or "alloc" in text
 
 
-def run_one(name: str, batch: int, layout: str, cap: float, mem_cap_gb: float) -> dict[str, Any]:
+def run_one(name: str, batch: int, layout: str, cap: float, mem_cap_gb: float, env_mode: str = "user") -> dict[str, Any]:
+    if env_mode == "user":
+        set_allocator(*PEAK_ALLOCATOR)
     limit = int(mem_cap_gb * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     import warnings
@@ -500,6 +532,8 @@ def run_one(name: str, batch: int, layout: str, cap: float, mem_cap_gb: float) -
     del results
 
     # timing: alternate floor / ours / pml, rotating the order every round
+    if env_mode == "user":
+        out["allocator"] = "user" if set_allocator(*USER_ALLOCATOR) else "default (no glibc)"
     sides = ["floor"] + [s for s in ("ours", "pml") if status[s] == "ok"]
     if check == "values disagree":
         sides = ["floor"]
@@ -591,6 +625,18 @@ def _check_cell(rec: dict[str, Any]) -> str:
     return check
 
 
+def _env_text(meta: dict[str, Any]) -> str:
+    load = meta.get("load")
+    load_text = f" Load average (1 min) at start / end: {load[0]:.1f} / {load[1]:.1f}." if load else ""
+    if meta.get("env", "quiet") == "user":
+        return (
+            "Environment `user` (both sides): the OpenMP library's default wait policy; peaks measured with "
+            "glibc mmap-ing every allocation >= 128 KiB, timings with glibc's thresholds at their steady-state "
+            "ceiling (32 MiB), as in a long-running process." + load_text
+        )
+    return "Environment `quiet` (both sides): OMP_WAIT_POLICY=PASSIVE and MALLOC_MMAP_THRESHOLD_=131072." + load_text
+
+
 def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         "# bench_losses: deepmetric vs pytorch-metric-learning, forward + backward",
@@ -604,8 +650,7 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "check: `equal` = value (and gradient, where the mapping is the identity) agree within float32 "
         "tolerance; a configuration whose values disagree is not timed.",
         "",
-        f"Command: `{meta['command']}` (wall {meta['wall_s']:.0f} s{meta.get('note', '')}). Children run with "
-        "OMP_WAIT_POLICY=PASSIVE and MALLOC_MMAP_THRESHOLD_=131072 (both sides). "
+        f"Command: `{meta['command']}` (wall {meta['wall_s']:.0f} s{meta.get('note', '')}). " + _env_text(meta) + " "
         "`X (1st call)`: the side finished its warm-up call within the cap but no timed repetition fitted; "
         "the warm-up time (with first-touch page faults) is shown instead of a median.",
         "",
@@ -648,6 +693,9 @@ def main() -> None:
     parser.add_argument("--mem-cap-gb", type=float, default=20.0)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--render", action="store_true", help="re-write the .md from the .json")
+    parser.add_argument("--env", choices=("user", "quiet"), default="user",
+                        help="user: OpenMP and allocator defaults of a user's process (timing); quiet: the earlier "
+                        "tables' OMP_WAIT_POLICY=PASSIVE and mmap-every-128-KiB allocator throughout")
     parser.add_argument("--update", action="store_true",
                         help="replace only the measured (loss, layout, B) records in the existing .json (and re-render)")
     args = parser.parse_args()
@@ -656,16 +704,19 @@ def main() -> None:
         (RESULTS / "bench_losses.md").write_text(render(data["records"], data["meta"]))
         return
     if args.one:
-        rec = run_one(args.one[0], int(args.one[1]), args.one[2], args.cap, args.mem_cap_gb)
+        rec = run_one(args.one[0], int(args.one[1]), args.one[2], args.cap, args.mem_cap_gb, args.env)
         print("RESULT " + json.dumps(rec))
         return
     names = [n for n in args.losses.split(",") if n]
     for n in names:
         if n not in CONFIGS:
             raise SystemExit(f"unknown loss {n!r}; valid: {', '.join(CONFIGS)}")
-    # PASSIVE: OpenMP threads sleep instead of spinning at barriers; on the shared, oversubscribed 2-core
-    # machine spinning made a 2-thread matmul 10x slower (both sides run under the same setting).
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072", OMP_WAIT_POLICY="PASSIVE")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+    if args.env == "quiet":
+        # PASSIVE: OpenMP threads sleep instead of spinning at barriers; on the shared, oversubscribed 2-core
+        # machine spinning once made a 2-thread matmul 10x slower (both sides run under the same setting).
+        env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072", OMP_WAIT_POLICY="PASSIVE")
+    load_start = os.getloadavg()[0]
     records = []
     t_start = time.time()
     for batch in args.sizes:
@@ -674,7 +725,7 @@ def main() -> None:
                 continue  # identical to pk4
             for name in names:
                 cmd = [sys.executable, __file__, "--one", name, str(batch), layout,
-                       "--cap", str(args.cap), "--mem-cap-gb", str(args.mem_cap_gb)]
+                       "--cap", str(args.cap), "--mem-cap-gb", str(args.mem_cap_gb), "--env", args.env]
                 t0 = time.time()
                 try:
                     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3 * args.cap + 120)
@@ -698,8 +749,8 @@ def main() -> None:
                     flush=True,
                 )
         if not args.no_write and not args.update:
-            _write(records, args, t_start)  # after every configuration: a partial run keeps its results
-    meta = _write(records, args, t_start, final=not args.no_write)
+            _write(records, args, t_start, load_start)  # after every configuration: a partial run keeps its results
+    meta = _write(records, args, t_start, load_start, final=not args.no_write)
     print(render(records, meta))
 
 
@@ -707,6 +758,11 @@ def _merged(records: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[list[d
     """``records`` replacing the same (loss, layout, B) records of the saved run (``--update``); the
     saved commands are kept, this one appended."""
     saved = json.loads((RESULTS / "bench_losses.json").read_text())
+    if saved["meta"].get("env", "quiet") != meta["env"]:
+        raise SystemExit(
+            f"--update: the saved table was measured with --env {saved['meta'].get('env', 'quiet')}, this run with "
+            f"--env {meta['env']}; rows from the two cannot share a table (re-run the whole grid)"
+        )
     key = lambda r: (r["loss"], r["layout"], r["B"])  # noqa: E731
     new = {key(r): r for r in records}
     merged = [new.pop(key(r), r) for r in saved["records"]] + list(new.values())
@@ -716,7 +772,9 @@ def _merged(records: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[list[d
     return merged, meta
 
 
-def _write(records: list[dict[str, Any]], args: argparse.Namespace, t_start: float, final: bool = True) -> dict[str, Any]:
+def _write(
+    records: list[dict[str, Any]], args: argparse.Namespace, t_start: float, load_start: float, final: bool = True
+) -> dict[str, Any]:
     import torch
     import pytorch_metric_learning
 
@@ -730,16 +788,24 @@ def _write(records: list[dict[str, Any]], args: argparse.Namespace, t_start: flo
         "cap": args.cap,
         "mem_cap_gb": args.mem_cap_gb,
         "command": "python benchmarks/bench_losses.py " + " ".join(sys.argv[1:]),
-        "omp_wait_policy": "PASSIVE",
+        "env": args.env,
+        "omp_wait_policy": "PASSIVE" if args.env == "quiet" else "library default",
+        "load": [load_start, os.getloadavg()[0]],
         "wall_s": time.time() - t_start,
     }
     if final:
         RESULTS.mkdir(parents=True, exist_ok=True)
         if getattr(args, "update", False):
             records, meta = _merged(records, meta)
-        (RESULTS / "bench_losses.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
-        (RESULTS / "bench_losses.md").write_text(render(records, meta))
+        _atomic_write(RESULTS / "bench_losses.json", json.dumps({"meta": meta, "records": records}, indent=1))
+        _atomic_write(RESULTS / "bench_losses.md", render(records, meta))
     return meta
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -441,10 +441,100 @@ def test_fused_semi_hard_lists_no_triplets(monkeypatch):
     assert torch.isfinite(leaf.grad).all()
 
 
+@pytest.mark.parametrize("miner_distance", DISTANCES)
+@pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean"])
+@pytest.mark.parametrize("layout", ["pk", "singletons"])
+def test_fused_batch_hard_equals_mining_then_loss(budget, monkeypatch, miner_distance, distance, layout):
+    """loss(x, y, miner=HardMiner()) mines in the loss (one call, no index checks) and writes the
+    anchors' gradient row by row when every row has a triplet: the same values and gradients as
+    mining first and computing the loss of those triplets by autograd through paired distances."""
+    g = torch.Generator().manual_seed(23)
+    x = torch.randn(36, 6, generator=g, dtype=torch.float64)
+    y = torch.arange(9).repeat_interleave(4)[torch.randperm(36, generator=g)]
+    if layout == "singletons":
+        y[:2] = torch.tensor([50, 51])  # two rows without a positive: no triplet, anchors not 0 … B−1
+    miner = miners.HardMiner(distance=miner_distance)
+    rows_seen = []
+    real = hard_mod.batch_hard_rows
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        rows_seen.append(out[3])
+        return out
+
+    monkeypatch.setattr(hard_mod, "batch_hard_rows", spy)
+    for soft, reduction in ((False, "mean_nonzero"), (False, "sum"), (True, "mean")):
+        loss = TripletMarginLoss(margin=1.5, distance=distance, soft_margin=soft, reduction=reduction)
+        fused = _value_and_grads(lambda t: loss(t, y, miner=miner), x)
+        a, p, n = _blocks_off(monkeypatch, lambda: miner(x, y))
+
+        def reference(t):
+            return loss.forward_triplets(t[a], t[p], t[n])
+
+        plain = _value_and_grads(reference, x)
+        assert float(plain[0]) != 0.0
+        _assert_same(fused, plain)
+    assert rows_seen and all(r == (layout == "pk") for r in rows_seen)
+
+
+@pytest.mark.parametrize("distance,margin", [("euclidean", 0.8), ("squared_euclidean", 2.0), ("cosine", 0.2)])
+def test_fused_multi_similarity_equals_mining_then_loss(budget, monkeypatch, distance, margin):
+    """loss(x, y, miner=MultiSimilarityMiner()) applies the ε-rule inside the loss's blocks and never
+    calls the miner: the same values and gradients as mining the pairs first and passing them as a
+    plain tuple (every (a, p, n) of a kept positive and a kept negative pair)."""
+    x, y, _, _ = _data(40, seed=24)
+    y[0] = 77  # an anchor without positives: no triplets
+    for epsilon in (0.1, 0.5):
+        miner = miners.MultiSimilarityMiner(epsilon=epsilon)
+        pairs = tuple(t.clone() for t in miner(x, y))
+        for loss_margin, reduction in ((margin, "mean_nonzero"), (0.5 * margin, "mean"), (2 * margin, "sum")):
+            loss = TripletMarginLoss(margin=loss_margin, distance=distance, reduction=reduction)
+            plain = _value_and_grads(lambda t: loss(t, y, pairs), x)
+            with monkeypatch.context() as m:
+                m.setattr(miners.MultiSimilarityMiner, "forward", lambda *a, **k: pytest.fail("miner called"))
+                fused = _value_and_grads(lambda t: loss(t, y, miner=miner), x)
+            assert float(plain[0]) != 0.0
+            _assert_same(fused, plain)
+    # capped miner or soft margin: not fused, mined first (same as passing its output)
+    capped = miners.MultiSimilarityMiner(tuples_per_anchor=2, seed=3)
+    loss = TripletMarginLoss(margin=margin, distance=distance)
+    torch.testing.assert_close(
+        loss(x, y, miner=capped), loss(x, y, tuple(miners.MultiSimilarityMiner(tuples_per_anchor=2, seed=3)(x, y)))
+    )
+    # no positive pair at all: a graph-connected zero
+    leaf = x.clone().requires_grad_()
+    out = loss(leaf, torch.arange(40), miner=miners.MultiSimilarityMiner())
+    out.backward()
+    assert float(out.detach()) == 0.0 and leaf.grad is not None
+
+
+def _blocks_off(monkeypatch, fn):
+    """``fn()`` with the miners' block paths disabled (the reference implementation)."""
+    with monkeypatch.context() as m:
+        m.setattr(hard_mod, "supported", lambda *args, **kwargs: False)
+        return fn()
+
+
+def test_batch_hard_rows_picks_the_farthest_positive_and_closest_negative():
+    """The miner's score blocks (d² − ‖x‖², no square root) pick what the distances pick, with ties
+    (equal distances) going to the lowest index, as :func:`batch_hard` on the distance matrix."""
+    x = torch.tensor([[0.0, 0.0], [3.0, 4.0], [-3.0, 4.0], [0.0, 1.0], [0.0, -1.0], [1.0, 0.0]])
+    y = torch.tensor([0, 0, 0, 1, 1, 2])
+    for distance in ("euclidean", "squared_euclidean"):
+        a, p, n = miners.HardMiner(distance=distance)(x, y)
+        # anchor 0: positives 1 and 2 are both at distance 5 (tie: 1); negatives 3, 4, 5 at 1 (tie: 3)
+        assert (int(a[0]), int(p[0]), int(n[0])) == (0, 1, 3)
+        d = torch.cdist(x, x)
+        pos, neg = masks(y, y, True)
+        ea, ep, en = hard_mod.batch_hard(d, pos, neg)
+        assert torch.equal(a, ea) and torch.equal(p, ep) and torch.equal(n, en)
+
+
 def test_miner_argument_other_miners_and_errors():
     x, y, _, _ = _data(30, seed=4)
     loss = TripletMarginLoss(margin=0.3)
-    # not fusable (one negative per pair, batch-hard, a fallback): mined first, then the index path
+    # not fused (one negative per pair, a fallback): mined first, then the index path; batch-hard is
+    # fused differently but gives the same
     for miner in (miners.SemiHardMiner(margin=0.3), miners.HardMiner(),
                   miners.SemiHardMiner(margin=0.3, negatives="all", fallback="hardest")):
         via_arg = _value_and_grads(lambda t: loss(t, y, miner=miner), x)

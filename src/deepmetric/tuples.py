@@ -15,6 +15,8 @@ Conventions (the whole library uses them):
 """
 from __future__ import annotations
 
+import math
+
 from typing import Union
 
 import torch
@@ -58,7 +60,7 @@ def all_finite(t: Tensor) -> bool:
     if t.numel() == 0 or not t.is_floating_point():
         return bool(torch.isfinite(t).all())
     lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+    return math.isfinite(lo.item()) and math.isfinite(hi.item())  # no further tensor operations
 
 
 def check_inputs(

@@ -56,24 +56,27 @@ def triplet_margin_loss_explicit(
 class _PairedTriplets(torch.autograd.Function):
     """Terms of few explicit triplets from the gathered embeddings (``‖x_a − y_p‖``, ``‖x_a − y_n‖``):
     value, non-zero count and the gradient in one pass (instead of autograd through a dozen
-    ``(T, D)`` operations). Euclidean and squared euclidean; same formulas as :func:`paired_distance`."""
+    ``(T, D)`` operations). Euclidean and squared euclidean; same formulas as :func:`paired_distance`.
+
+    ``rows_in_order``: ``a`` is ``0 … B−1`` (one triplet per anchor row, as batch-hard mining gives),
+    so the anchors' gradient is written directly instead of scattered. The positives' and negatives'
+    gradients go through a single ``index_add_`` (each such call has a fixed cost on CPU)."""
 
     @staticmethod
-    def forward(ctx, x, y, a, p, n, margin, soft_margin, squared, want_grad):  # type: ignore[override]
+    def forward(ctx, x, y, a, p, n, margin, soft_margin, squared, want_grad, rows_in_order=False):  # type: ignore[override]
         ref = x if y is None else y
         scratch = Scratch("_PairedTriplets")  # work buffers (a fresh (T, D) buffer costs page faults)
-        shape = (a.numel(), x.shape[1])
-        xa = torch.index_select(x, 0, a, out=scratch.get("xa", shape, x.dtype, x.device))
-        dp = torch.index_select(ref, 0, p, out=scratch.get("dp", shape, x.dtype, x.device))
-        dp = torch.sub(xa, dp, out=dp)
-        dn = torch.index_select(ref, 0, n, out=scratch.get("dn", shape, x.dtype, x.device))
-        dn = torch.sub(xa, dn, out=dn)
-        sp = torch.bmm(dp.unsqueeze(1), dp.unsqueeze(2)).view(-1)  # row-wise squared norms, no (T, D) temporary
-        sn = torch.bmm(dn.unsqueeze(1), dn.unsqueeze(2)).view(-1)
-        if squared:
-            d_ap, d_an = sp, sn
-        else:
-            d_ap, d_an = sp.clamp_min(_EPS).sqrt(), sn.clamp_min(_EPS).sqrt()
+        t, dim = a.numel(), x.shape[1]
+        xa = torch.index_select(x, 0, a, out=scratch.get("xa", (t, dim), x.dtype, x.device))
+        diffs = scratch.get("pn", (2 * t, dim), x.dtype, x.device)  # x_a − y_p, then x_a − y_n
+        dp, dn = diffs[:t], diffs[t:]
+        torch.index_select(ref, 0, p, out=dp)
+        torch.index_select(ref, 0, n, out=dn)
+        pairs = diffs.view(2, t, dim)
+        torch.sub(xa.unsqueeze(0), pairs, out=pairs)
+        sq = torch.bmm(diffs.unsqueeze(1), diffs.unsqueeze(2)).view(-1)  # row-wise squared norms
+        dist = sq if squared else sq.clamp_min(_EPS).sqrt_()
+        d_ap, d_an = dist[:t], dist[t:]
         z = d_ap - d_an
         if soft_margin:
             terms = F.softplus(z)
@@ -84,19 +87,19 @@ class _PairedTriplets(torch.autograd.Function):
         total, count = terms.sum(), (terms > 0).sum()
         ctx.mark_non_differentiable(count)
         if want_grad:
+            coef = torch.cat([weight, weight.neg()])  # ±∂S/∂d for the positive and the negative pair
             if squared:
-                cp = weight * 2.0
-                cn = cp
-            else:  # d sqrt(max(s, eps)) / d s passes where s >= eps
-                cp = (weight / d_ap).mul_(sp >= _EPS)
-                cn = (weight / d_an).mul_(sn >= _EPS)
-            dp.mul_(cp[:, None])
-            dn.mul_(cn[:, None])
-            gx = torch.zeros_like(x)
-            gx.index_add_(0, a, torch.sub(dp, dn, out=xa))
+                coef.mul_(2.0)
+            else:  # ∂d/∂x_a = (x_a − y) / d where s = d² >= eps (the clamp passes), 0 below
+                coef.div_(dist).mul_(sq >= _EPS)
+            diffs.mul_(coef[:, None])  # ∂S/∂x_a = c_p·(x_a − y_p) − c_n·(x_a − y_n)
+            if rows_in_order:
+                gx = torch.add(dp, dn)
+            else:
+                gx = torch.zeros_like(x)
+                gx.index_add_(0, a, torch.add(dp, dn, out=xa))
             gy = gx if y is None else torch.zeros_like(y)
-            gy.index_add_(0, p, dp, alpha=-1.0)
-            gy.index_add_(0, n, dn)
+            gy.index_add_(0, torch.cat([p, n]), diffs, alpha=-1.0)  # ∂S/∂y = −(the anchors' terms)
             ctx.save_for_backward(gx, None if y is None else gy)
         return total, count
 
@@ -104,7 +107,7 @@ class _PairedTriplets(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total, _grad_count):  # type: ignore[override]
         gx, gy = ctx.saved_tensors
-        return gx * grad_total, None if gy is None else gy * grad_total, None, None, None, None, None, None, None
+        return (gx * grad_total, None if gy is None else gy * grad_total) + (None,) * 8
 
 
 class _SlotHingeSum(torch.autograd.Function):
@@ -223,8 +226,14 @@ class _SlotHinge:
         if self._tpen is None:
             self._tpen = torch.zeros(self.pidx.shape, dtype=d.dtype, device=d.device).masked_fill_(~self.pvalid, float("-inf"))
         sc = self.scratch
-        t = d.gather(1, pidx).add_(self.margin).add_(self._tpen[start:end])  # -inf on padding slots
         dn = self.negatives(d, start, end, sc.get("dn", (rows, cols), d.dtype, d.device))
+        kept = getattr(self.negatives, "kept_positives", None)  # fused mining: this block's positives
+        if kept is not None:
+            pvalid = kept
+            tpen = torch.zeros(pvalid.shape, dtype=d.dtype, device=d.device).masked_fill_(~pvalid, float("-inf"))
+        else:
+            tpen = self._tpen[start:end]
+        t = d.gather(1, pidx).add_(self.margin).add_(tpen)  # -inf on padding (and unkept) slots
         c, cnt = self._slots(t, dn, sc)
         tz = torch.where(pvalid, t, torch.zeros((), dtype=t.dtype, device=t.device))
         # row sums in the working dtype, accumulated in float64 across rows (the two sums nearly cancel)
@@ -292,6 +301,54 @@ class _MinedNegatives:
         if int(per_row.sum()) != self.note.counts.get(start, 0):
             self.mismatch = True
         return keep.sub_(1.0).mul_(-self.big).add_(d)  # huge off the kept negatives, d on them
+
+
+class _FusedMultiSimilarity:
+    """Multi-similarity mining inside the loss's blocks (``loss(x, y, miner=MultiSimilarityMiner())``):
+    per block the cosine similarities of its anchors (one more matmul) and the miner's ε-rule
+    (:class:`~deepmetric.miners.multi_similarity._Kept`, the same comparisons) give the kept
+    negatives (returned as ``d`` on them, huge elsewhere) and the kept positive slots
+    (``kept_positives``, read by :class:`_SlotHinge`); the number of triplets, ``Σ_a #kept
+    positives(a) · #kept negatives(a)``, is counted as the blocks pass. No pair is listed."""
+
+    def __init__(self, groups: LabelGroups, embeddings: Tensor, epsilon: float, step: int) -> None:
+        from deepmetric.miners.multi_similarity import _Kept
+
+        self.kept = _Kept(groups, epsilon)
+        self.ops = Operands(embeddings.detach(), None, "cosine")
+        self.step, self.big = step, big(embeddings.dtype)
+        self.scratch = Scratch("_FusedMultiSimilarity")
+        self.kept_positives: Tensor | None = None
+        self.triplets = torch.zeros((), dtype=torch.float64, device=embeddings.device)
+
+    def __call__(self, d: Tensor, start: int, end: int, out: Tensor) -> Tensor:
+        rows, cols = d.shape
+        ops = self.ops
+        buf = self.scratch.get("sim", (min(self.step, ops.rows), cols), ops.x.dtype, ops.x.device)
+        sim = torch.mm(ops.x[start:end], ops.yt, out=buf[:rows])
+        keep_pos, keep = self.kept(start, end, sim, out=out)  # keep: 0/1 floats
+        self.kept_positives = keep_pos
+        per_row = keep.sum(1, dtype=torch.float64)
+        self.triplets += (keep_pos.sum(1, dtype=torch.float64) * per_row).sum()
+        return keep.sub_(1.0).mul_(-self.big).add_(d)  # huge off the kept negatives, d on them
+
+
+def _multi_similarity_fused(
+    embeddings: Tensor, labels: Tensor, epsilon: float, margin: float, distance: str, reduction: str
+) -> Tensor:
+    """Every ``(a, p, n)`` of a kept positive and a kept negative pair of
+    :class:`~deepmetric.miners.MultiSimilarityMiner` (no cap), mined inside the loss's blocks."""
+    groups = LabelGroups(labels.to(embeddings.device), labels.to(embeddings.device), True)
+    if groups.pidx.shape[1] == 0:
+        return zero_loss(embeddings, None)
+    x, _ = _block_operands(embeddings, None, distance)
+    step = block_rows(x.shape[0], x.shape[0], x.device)
+    negatives = _FusedMultiSimilarity(groups, embeddings, epsilon, step)
+    total, nonzero = block_loss(_SlotHinge(margin, groups.pidx, groups.pvalid, negatives), x, None, distance, step=step)
+    n_triplets = negatives.triplets.round().long()
+    if int(n_triplets) == 0:
+        return zero_loss(embeddings, None)
+    return reduce_terms(total, n_triplets, nonzero, reduction)
 
 
 class _TripletTerms:
@@ -436,6 +493,42 @@ def _fusable(miner: object, distance: str, soft_margin: bool, same_set: bool, fa
         isinstance(miner, SemiHardMiner) and miner.negatives == "all" and miner.fallback is None
         and miner.tuples_per_anchor is None and miner.distance == distance
         and fast and same_set and not soft_margin
+    )
+
+
+def _batch_hard_fused(
+    embeddings: Tensor, labels: Tensor, miner: nn.Module, margin: float, distance: str, soft_margin: bool,
+    reduction: str,
+) -> Tensor | None:
+    """``loss(x, y, miner=HardMiner(...))`` in one go: the miner's blocks give one triplet per anchor row
+    (known valid: no index checks), whose terms come from the gathered embeddings, the anchors'
+    gradient written row by row when every row has a triplet. ``None`` when this does not apply."""
+    from deepmetric.miners.hard import HardMiner, batch_hard_rows
+
+    if (
+        not isinstance(miner, HardMiner) or distance == "cosine"
+        or not supported(embeddings, None, miner.distance)
+    ):
+        return None
+    with torch.no_grad():
+        lab = labels.to(embeddings.device)
+        a, p, n, rows = batch_hard_rows(Operands(embeddings.detach(), None, miner.distance), lab, lab, True)
+    if a.numel() == 0:
+        return zero_loss(embeddings, None)
+    want_grad = torch.is_grad_enabled() and embeddings.requires_grad
+    total, nonzero = _PairedTriplets.apply(
+        embeddings, None, a, p, n, margin, soft_margin, distance == "squared_euclidean", want_grad, rows
+    )
+    return reduce_terms(total, torch.tensor(a.numel(), device=embeddings.device), nonzero, reduction)
+
+
+def _ms_fusable(miner: object, embeddings: Tensor, soft_margin: bool) -> bool:
+    """Whether the loss can mine ``miner``'s pairs itself (see :func:`_multi_similarity_fused`)."""
+    from deepmetric.miners.multi_similarity import MultiSimilarityMiner
+
+    return (
+        isinstance(miner, MultiSimilarityMiner) and miner.tuples_per_anchor is None and not soft_margin
+        and supported(embeddings, None, "cosine")
     )
 
 
@@ -627,6 +720,12 @@ def triplet_margin_loss(
             raise DataError("pass either indices= (mined tuples) or miner=, not both")
         if _fusable(miner, distance, soft_margin, same_set, fast):
             return _semi_hard_fused(embeddings, labels, miner.margin, margin, distance, reduction)  # type: ignore[attr-defined]
+        if same_set and fast:
+            out = _batch_hard_fused(embeddings, labels, miner, margin, distance, soft_margin, reduction)
+            if out is not None:
+                return out
+            if _ms_fusable(miner, embeddings, soft_margin):
+                return _multi_similarity_fused(embeddings, labels, miner.epsilon, margin, distance, reduction)  # type: ignore[attr-defined]
         with torch.no_grad():
             if same_set:
                 indices = miner(embeddings.detach(), labels)
@@ -719,8 +818,13 @@ class TripletMarginLoss(nn.Module):
     :class:`~deepmetric.miners.SemiHardMiner` with ``negatives="all"`` (no cap, no fallback, same
     distance) the two steps are **fused**: the semi-hard bands are evaluated inside the loss's distance
     blocks and the triplets are never listed, so time and memory do not grow with their number
-    (about 10⁹ at B = 4096 with 32 classes, 24 GB as index tensors). The trainer passes its miner
-    this way (``fuses_miner``).
+    (about 10⁹ at B = 4096 with 32 classes, 24 GB as index tensors). Likewise for a
+    :class:`~deepmetric.miners.MultiSimilarityMiner` without a cap: its ε-rule is applied to the
+    cosine similarities of each block of anchors (one more matmul per block) and the loss covers every
+    ``(a, p, n)`` of a kept positive and a kept negative pair, no pair listed. A
+    :class:`~deepmetric.miners.HardMiner` mines in the same call and the loss reads its one triplet
+    per anchor without re-checking the indices. The trainer passes its miner this way
+    (``fuses_miner``).
 
     Reference:
         F. Schroff, D. Kalenichenko, J. Philbin, "FaceNet: A Unified Embedding for Face Recognition
@@ -779,7 +883,8 @@ class TripletMarginLoss(nn.Module):
         miner: nn.Module | None = None,
     ) -> Tensor:
         """Loss over all valid triplets of the batch, over the tuples named by ``indices``, or over the
-        triplets ``miner`` picks from this batch (``miner=``; fused for semi-hard "all", see above)."""
+        triplets ``miner`` picks from this batch (``miner=``; fused for semi-hard "all", multi-similarity
+        and batch-hard mining, see above)."""
         return triplet_margin_loss(
             embeddings,
             labels,

@@ -89,8 +89,9 @@ class Operands:
         self.y = x if self.same else y  # type: ignore[assignment]
         self.yt = self.y.T
         if distance != "cosine":
-            self.x2 = (x * x).sum(1, keepdim=True)
-            self.y2 = self.x2.T if self.same else (self.y * self.y).sum(1).unsqueeze(0)
+            # squared norms without a (B, D) temporary (a fresh one costs page faults at every call)
+            self.x2 = torch.linalg.vector_norm(x, dim=1, keepdim=True).square_()
+            self.y2 = self.x2.T if self.same else torch.linalg.vector_norm(self.y, dim=1).square_().unsqueeze(0)
 
     @property
     def rows(self) -> int:
@@ -128,6 +129,18 @@ class Operands:
             d.sqrt_()
         return d, passes
 
+    def scores(self, start: int, end: int, out: Tensor | None = None) -> Tensor:
+        """Rows ``start:end`` against every reference: per row an increasing function of the distance,
+        for an arg-min / arg-max along rows at the cost of one matmul (no clamp, no square root):
+        ``‖y‖² − 2·x·y = d² − ‖x‖²`` for the euclidean distances, ``−x̂·ŷ = d − 1`` for cosine."""
+        xb = self.x[start:end]
+        if self.distance == "cosine":
+            s = torch.mm(xb, self.yt, out=out) if out is not None else torch.mm(xb, self.yt)
+            return s.neg_()
+        if out is not None:
+            return torch.addmm(self.y2, xb, self.yt, beta=1.0, alpha=-2.0, out=out)
+        return torch.addmm(self.y2, xb, self.yt, beta=1.0, alpha=-2.0)
+
     def _clamped(self, d: Tensor, start: int, end: int, floor: float, mask_out: Tensor | None):
         if self.same and start < self.cols:
             i = torch.arange(start, min(end, self.cols), device=d.device)
@@ -140,10 +153,13 @@ class Operands:
                 return (i[hit] - start, i[hit])
         return torch.ge(d, floor, out=torch.empty_like(d) if mask_out is None else mask_out)
 
-    def blocks(self, width: int = 1, similarity: bool = False) -> Iterator[tuple[int, int, Tensor]]:
+    def blocks(
+        self, width: int = 1, similarity: bool = False, scores: bool = False
+    ) -> Iterator[tuple[int, int, Tensor]]:
         """``(start, end, distances)`` over row blocks sized for ``width`` cells per distance (a caller
         that expands every row ``width`` times asks for proportionally fewer rows); the block tensor
-        is reused between iterations. ``similarity`` (cosine only): the cosine similarity instead."""
+        is reused between iterations. ``similarity`` (cosine only): the cosine similarity instead;
+        ``scores``: :meth:`scores` instead (same order along each row as the distances)."""
         width = max(1, width)
         budget = (BLOCK_ELEMENTS if self.x.device.type == "cpu" else _DEVICE_BLOCK_ELEMENTS) * min(width, 4)
         rows = block_rows(self.rows, self.cols * width, self.x.device, budget)  # (rows, width, R) boolean cells
@@ -155,6 +171,8 @@ class Operands:
                 if similarity:
                     assert self.distance == "cosine"
                     d = torch.mm(self.x[start:end], self.yt, out=buf[: end - start])
+                elif scores:
+                    d = self.scores(start, end, out=buf[: end - start])
                 else:
                     d, _ = self.block(start, end, out=buf[: end - start])
                 yield start, end, d

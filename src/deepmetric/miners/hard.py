@@ -27,21 +27,35 @@ def batch_hard(dist: Tensor, pos_mask: Tensor, neg_mask: Tensor) -> Triplets:
 
 
 def _batch_hard_blocked(ops: Operands, labels: Tensor, ref_labels: Tensor, same_set: bool) -> Triplets:
-    """:func:`batch_hard` from distance blocks of a few anchors (the ``(B, R)`` matrix is never held);
-    the positives are read from the sorted labels, the negatives' minimum from the block with the
-    same-label cells pushed to +huge."""
+    """:func:`batch_hard` from blocks of a few anchors (the ``(B, R)`` matrix is never held); the
+    positives are read from the sorted labels, the negatives' minimum from the block with the
+    same-label cells pushed to +huge. The blocks hold :meth:`Operands.scores` (``d² − ‖x_a‖²``: one
+    matmul, no square root), whose arg-max / arg-min along a row are the distances' (up to rounding
+    between distances equal to float precision)."""
+    a, p, n, _ = batch_hard_rows(ops, labels, ref_labels, same_set)
+    return a, p, n
+
+
+def batch_hard_rows(
+    ops: Operands, labels: Tensor, ref_labels: Tensor, same_set: bool
+) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """:func:`_batch_hard_blocked`'s triplets and whether every anchor row has one (``a`` is then
+    ``0 … B−1``)."""
     groups = LabelGroups(labels, ref_labels, same_set)
     pidx, pvalid = groups.pidx, groups.pvalid
     device = pidx.device
     p = torch.zeros(ops.rows, dtype=torch.long, device=device)
     n = torch.empty(ops.rows, dtype=torch.long, device=device)
-    for start, end, d in ops.blocks():
+    for start, end, s in ops.blocks(scores=True):
         if pidx.shape[1]:
-            d_ap = d.gather(1, pidx[start:end]).masked_fill_(~pvalid[start:end], float("-inf"))
-            p[start:end] = pidx[start:end].gather(1, d_ap.argmax(1, keepdim=True)).squeeze(1)  # first of ties
-        n[start:end] = groups.push(d, start, end).argmin(1)  # in place: d is not used afterwards
-    a = (pvalid.any(1) & groups.has_negatives()).nonzero(as_tuple=True)[0]
-    return a, p[a], n[a]
+            s_ap = s.gather(1, pidx[start:end]).masked_fill_(~pvalid[start:end], float("-inf"))
+            p[start:end] = pidx[start:end].gather(1, s_ap.argmax(1, keepdim=True)).squeeze(1)  # first of ties
+        n[start:end] = groups.push(s, start, end).argmin(1)  # in place: s is not used afterwards
+    ok = pvalid.any(1) & groups.has_negatives()
+    if bool(ok.all()):
+        return torch.arange(ops.rows, device=device), p, n, True
+    a = ok.nonzero(as_tuple=True)[0]
+    return a, p[a], n[a], False
 
 
 @MINERS.register("hard")
