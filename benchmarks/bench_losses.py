@@ -495,6 +495,8 @@ def run_one(name: str, batch: int, layout: str, cap: float, mem_cap_gb: float, e
         spent[side] = first[side]
         out[f"{side}_first_s"] = first[side]
         out[f"{side}_peak_mb"] = peak_mb() - base if status[side] == "ok" else None
+        out[f"status_{side}"] = status[side]
+        print("PARTIAL " + json.dumps(out), flush=True)  # kept by the parent if this child has to be killed
         results.setdefault(side, (None, None))
         import gc
 
@@ -624,6 +626,8 @@ def _side_cell(rec: dict[str, Any], side: str, key: str) -> str:
 
 def _check_cell(rec: dict[str, Any]) -> str:
     check = rec.get("check", "—")
+    if check == "killed" and rec.get("status_ours") == "ok":
+        return f"PML {rec.get('status_pml')} (child killed): not compared"
     if check == "PML fails: not compared" and rec.get("status_pml") != "ok":
         return f"PML {rec['status_pml']}: not compared"
     return check
@@ -740,9 +744,8 @@ def main() -> None:
                         rec = {"loss": name, "pml": PML_NAMES[name], "layout": layout, "B": batch,
                                "status_ours": "error", "status_pml": "error", "check": "crashed",
                                "stderr": proc.stderr[-2000:]}
-                except subprocess.TimeoutExpired:
-                    rec = {"loss": name, "pml": PML_NAMES[name], "layout": layout, "B": batch,
-                           "status_ours": "timeout", "status_pml": "timeout", "check": "killed"}
+                except subprocess.TimeoutExpired as exc:
+                    rec = _killed(exc, name, layout, batch)
                 rec["wall_s"] = time.time() - t0
                 records.append(rec)
                 print(
@@ -756,6 +759,23 @@ def main() -> None:
             _write(records, args, t_start, load_start)  # after every configuration: a partial run keeps its results
     meta = _write(records, args, t_start, load_start, final=not args.no_write)
     print(render(records, meta))
+
+
+def _killed(exc: subprocess.TimeoutExpired, name: str, layout: str, batch: int) -> dict[str, Any]:
+    """The record of a child killed at the parent's time limit (a side stuck where the alarm cannot
+    interrupt it): what the child reported before that (sides whose warm-up call finished keep their
+    peak and first-call time), the side that was running marked ``timeout``."""
+    rec = {"loss": name, "pml": PML_NAMES[name], "layout": layout, "B": batch,
+           "status_ours": "timeout", "status_pml": "timeout", "check": "killed"}
+    text = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+    partial = [ln for ln in text.splitlines() if ln.startswith("PARTIAL ")]
+    if partial:
+        rec.update(json.loads(partial[-1][8:]))
+        for side in ("ours", "pml"):
+            if f"{side}_first_s" not in rec:
+                rec[f"status_{side}"] = "timeout"
+        rec["check"] = "killed"
+    return rec
 
 
 def _merged(records: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:

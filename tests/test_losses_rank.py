@@ -94,6 +94,67 @@ def test_ranked_list_matches_reference(temperature: float) -> None:
     assert float(ours[0]) > 0
 
 
+_RANKED_PARAMS = [
+    {"temperature": 10.0},
+    {"temperature": 0.0},
+    {"temperature": 5.0, "alpha": 1.1, "margin": 0.5, "negative_weight": 0.7},
+    {"temperature": 10.0, "negative_weight": 0.0},
+]
+_RANKED_IDS = ["default", "t0", "other", "no_negative_weight"]
+
+
+def _ranked_paths(monkeypatch, fraction: float) -> list[bool]:
+    """Force (fraction 1) or forbid (0) the sparse negative path, with row blocks of a few rows;
+    returns the list of what ``_sparse_negatives`` answered, block by block."""
+    import deepmetric.losses.ranked_list as rl
+
+    monkeypatch.setattr(rl, "SPARSE_FRACTION", fraction)
+    monkeypatch.setattr(rl, "_BLOCK_ELEMENTS", 64)  # blocks of max(32, 64 // B) rows: 2 blocks at B = 40
+    calls: list[bool] = []
+    real = rl._sparse_negatives
+    monkeypatch.setattr(rl, "_sparse_negatives", lambda *a, **k: calls.append(real(*a, **k)) or calls[-1])
+    return calls
+
+
+def _ranked_batch(duplicates: bool):
+    g = torch.Generator().manual_seed(11)
+    x = torch.nn.functional.normalize(torch.randn(40, 16, generator=g, dtype=DT), dim=1)
+    if duplicates:
+        x[5] = x[16]  # a duplicate of another class: a clamped negative distance
+        x[7] = x[13]  # and of the same class: a clamped positive distance
+    return x, torch.arange(40) % 6
+
+
+@pytest.mark.parametrize("params", _RANKED_PARAMS, ids=_RANKED_IDS)
+@pytest.mark.parametrize("fraction", [1.0, 0.0], ids=["sparse", "dense"])
+def test_ranked_list_sparse_negatives_match_reference(monkeypatch, params, fraction) -> None:
+    """Row blocks with few negatives within α are worked on those entries only
+    (``_sparse_negatives``); forced on every block (fraction 1) or off (0, unless a block has no such
+    negative), values and gradients equal the naive formula, over several row blocks."""
+    calls = _ranked_paths(monkeypatch, fraction)
+    x, y = _ranked_batch(duplicates=False)
+    ours = _value_and_grad(lambda e: RankedListLoss(**params)(e, y), x)
+    ref = _value_and_grad(lambda e: ref_ranked_list(e, y, **params), x)
+    _assert_same(ours, ref)
+    assert float(ours[0]) > 0
+    assert len(calls) == 2 and all(calls) == (fraction == 1.0), calls
+
+
+@pytest.mark.parametrize("params", _RANKED_PARAMS, ids=_RANKED_IDS)
+def test_ranked_list_sparse_negatives_clamped_distances(monkeypatch, params) -> None:
+    """With duplicated points (clamped distances pass no gradient; the naive formula's square root
+    gives NaN there) the sparse path equals the dense one."""
+    x, y = _ranked_batch(duplicates=True)
+    results = []
+    for fraction in (1.0, 0.0):
+        with monkeypatch.context() as m:
+            calls = _ranked_paths(m, fraction)
+            results.append(_value_and_grad(lambda e: RankedListLoss(**params)(e, y), x))
+            assert calls and all(calls) == (fraction == 1.0)
+    _assert_same(results[0], results[1])
+    assert all(torch.isfinite(g).all() for g in results[0][1])
+
+
 def test_ranked_list_with_ref_set_and_query_only_gradient() -> None:
     x, y = _batch(b=8, d=3, seed=3)
     r, ry = _batch(b=9, d=3, seed=4)

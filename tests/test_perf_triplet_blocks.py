@@ -321,6 +321,19 @@ def test_no_batch_by_batch_tensor(miner, loss):
     assert mode.largest < b * b // 2, mode.largest
 
 
+@pytest.mark.parametrize("miner", [miners.HardMiner(), miners.MultiSimilarityMiner()], ids=["hard", "multi_similarity"])
+def test_fused_mining_holds_no_batch_by_batch_tensor(miner):
+    """loss(x, y, miner=m) for batch-hard and multi-similarity mining: forward and backward hold blocks
+    of a few anchor rows only (the fused multi-similarity path lists no pairs either)."""
+    b, k = 1024, 4
+    x = F.normalize(torch.randn(b, 32), dim=1).requires_grad_()
+    y = torch.arange(b // k).repeat_interleave(k)
+    with LargestTensor() as mode:
+        TripletMarginLoss(distance="euclidean")(x, y, miner=miner).backward()
+    assert torch.isfinite(x.grad).all() and float(x.grad.abs().sum()) > 0
+    assert mode.largest < b * b // 2, mode.largest
+
+
 # ------------------------------------------------------------------------------------ mined bands
 @pytest.mark.parametrize("distance,margin", [("euclidean", 0.8), ("squared_euclidean", 2.0), ("cosine", 0.2)])
 def test_semi_hard_triplets_recomputed_by_the_loss(budget, distance, margin):

@@ -108,6 +108,42 @@ def _positive_terms(dist2: Tensor, mask: Tensor, boundary: float, batch: int) ->
     return loss_p, grad
 
 
+#: A row block whose share of negatives within α (the set N*) is at most this is worked sparsely.
+SPARSE_FRACTION = 1.0 / 64
+
+
+def _sparse_negatives(
+    d2: Tensor, near: Tensor, alpha: float, temperature: float, shift: float, negative_weight: float,
+    clamped: float, batch: int, need_grad: bool, total: Tensor, weighted_dist: Tensor,
+) -> bool:
+    """The negative part of a row block from its few entries in N* (``d < α``, i.e. ``d² < α²``):
+    one comparison finds them; the square roots, weights and gradients are computed on those entries
+    only and the block (squared distances in, ``∂L/∂S`` out) is zeroed elsewhere. Writes the rows'
+    weight sums ``total`` and ``Σ w·d`` ``weighted_dist``; ``False`` (block untouched) when N* is too
+    large a share of the block for this to pay off."""
+    torch.lt(d2, alpha * alpha * (1.0 + 1e-5), out=near)  # loose: the exact test is d < α below
+    flat = near.view(-1).nonzero().squeeze(1)
+    if flat.numel() > SPARSE_FRACTION * d2.numel():
+        return False
+    r = torch.div(flat, d2.shape[1], rounding_mode="floor")
+    d = d2.view(-1).index_select(0, flat).clamp_min_(_EPS).sqrt_()
+    inside = d < alpha
+    if temperature == 0.0:
+        w = inside.to(d.dtype)
+    else:  # w = exp(T (α − d) − shift), as the dense path (exp2 of the log2-scaled exponent)
+        w = torch.sub(alpha, d).mul_(temperature * LOG2E).sub_(shift * LOG2E).exp2_().mul_(inside)
+    total.zero_().index_add_(0, r, w)
+    weighted_dist.zero_().index_add_(0, r, w * d)
+    if need_grad:
+        d2.zero_()
+        if negative_weight != 0.0 and flat.numel():
+            zero = d.new_zeros(())
+            coef = torch.where(total > 0, negative_weight / batch / total, zero)
+            grad = torch.where(d > clamped, w * coef[r] / d, zero)  # a clamped distance passes no gradient
+            d2.view(-1).index_copy_(0, flat, grad)
+    return True
+
+
 def _label_kernel(groups: LabelGroups, alpha: float, margin: float, temperature: float, negative_weight: float):
     """Same set, label positives (gathered per row), every other label a negative."""
 
@@ -130,8 +166,14 @@ def _label_kernel(groups: LabelGroups, alpha: float, margin: float, temperature:
         # allocation) and the block's gradient overwrites its distances while both are in cache.
         rows = max(32, _BLOCK_ELEMENTS // batch)
         scratch = dist.new_empty(min(rows, batch), batch)
+        near_buf = torch.empty(scratch.shape, dtype=torch.bool, device=dist.device)
         for start in range(0, batch, rows):
             stop = min(start + rows, batch)
+            if shift is not None and _sparse_negatives(
+                dist[start:stop], near_buf[: stop - start], alpha, temperature, shift, negative_weight, clamped,
+                batch, need_grad, total[start:stop], weighted_dist[start:stop],
+            ):
+                continue
             d = dist[start:stop].clamp_min_(_EPS).sqrt_()
             # w = exp(T (α − d)) on N* = {d < α}, 0 elsewhere: threshold −d at −α (strict), exp2
             w = torch.neg(d, out=scratch[: stop - start])
