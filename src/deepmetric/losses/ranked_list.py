@@ -117,14 +117,17 @@ def _sparse_negatives(
     clamped: float, batch: int, need_grad: bool, total: Tensor, weighted_dist: Tensor,
 ) -> bool:
     """The negative part of a row block from its few entries in N* (``d < α``, i.e. ``d² < α²``):
-    one comparison finds them; the square roots, weights and gradients are computed on those entries
-    only and the block (squared distances in, ``∂L/∂S`` out) is zeroed elsewhere. Writes the rows'
-    weight sums ``total`` and ``Σ w·d`` ``weighted_dist``; ``False`` (block untouched) when N* is too
-    large a share of the block for this to pay off."""
-    torch.lt(d2, alpha * alpha * (1.0 + 1e-5), out=near)  # loose: the exact test is d < α below
+    one comparison finds them (a mask in the memory of the float work block ``near``: no new (B, B)
+    buffer); the square roots, weights and gradients are computed on those entries only and the
+    block (squared distances in, ``∂L/∂S`` out) is zeroed elsewhere. Writes the rows' weight sums
+    ``total`` and ``Σ w·d`` ``weighted_dist``; ``False`` (block untouched) when N* is too large a
+    share of the block for this to pay off."""
+    cells = d2.numel()
+    near = near.view(-1).view(torch.bool)[:cells].view(d2.shape)  # a mask in the float work block's memory
+    torch.lt(d2, alpha * alpha * (1.0 + 1e-5), out=near)  # loose: the exact test d < α is below
+    if int(torch.count_nonzero(near)) > SPARSE_FRACTION * cells:
+        return False  # (counted first: no index list of a dense block)
     flat = near.view(-1).nonzero().squeeze(1)
-    if flat.numel() > SPARSE_FRACTION * d2.numel():
-        return False
     r = torch.div(flat, d2.shape[1], rounding_mode="floor")
     d = d2.view(-1).index_select(0, flat).clamp_min_(_EPS).sqrt_()
     inside = d < alpha
@@ -166,11 +169,10 @@ def _label_kernel(groups: LabelGroups, alpha: float, margin: float, temperature:
         # allocation) and the block's gradient overwrites its distances while both are in cache.
         rows = max(32, _BLOCK_ELEMENTS // batch)
         scratch = dist.new_empty(min(rows, batch), batch)
-        near_buf = torch.empty(scratch.shape, dtype=torch.bool, device=dist.device)
         for start in range(0, batch, rows):
             stop = min(start + rows, batch)
             if shift is not None and _sparse_negatives(
-                dist[start:stop], near_buf[: stop - start], alpha, temperature, shift, negative_weight, clamped,
+                dist[start:stop], scratch[: stop - start], alpha, temperature, shift, negative_weight, clamped,
                 batch, need_grad, total[start:stop], weighted_dist[start:stop],
             ):
                 continue
