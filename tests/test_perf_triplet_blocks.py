@@ -293,6 +293,29 @@ def test_distance_weighted_blocks_draw_the_same(budget, cap):
         _same_tuples(fast(x, y), _old_distance_weighted(slow, x, y))
 
 
+@pytest.mark.parametrize("cutoff, nonzero_loss_cutoff", [(0.0, 1.4), (0.5, 2.5), (0.0, 3.0)])
+def test_distance_weighted_blocks_degenerate_cutoffs(cutoff, nonzero_loss_cutoff):
+    """No clamp away from d = 0 (cutoff 0) or none below d = 2 (τ >= 2): the weights stay finite with a
+    duplicated point and an antipodal pair, every draw is a negative, and the block probabilities
+    equal the reference :func:`distance_weighted_probabilities` (up to rounding)."""
+    g = torch.Generator().manual_seed(30)
+    x = F.normalize(torch.randn(24, 5, generator=g, dtype=torch.float64), dim=1)
+    y = torch.arange(24) % 4
+    x[1] = x[2]  # a duplicate of another class: d = 0
+    x[5] = -x[6]  # an antipodal pair of different classes: d = 2
+    a, p, n = miners.DistanceWeightedMiner(cutoff=cutoff, nonzero_loss_cutoff=nonzero_loss_cutoff, seed=1)(x, y)
+    assert len(a) and bool((y[a] != y[n]).all()) and bool((y[a] == y[p]).all())
+    dist = _blocks.Operands(x, None, "euclidean").block(0, 24)[0]
+    _, neg = masks(y, y, True)
+    from deepmetric.miners.distance_weighted import _block_probabilities
+
+    groups = _blocks.LabelGroups(y, y, True)
+    fast = _block_probabilities(dist.clone(), groups, 0, 24, 5, cutoff, nonzero_loss_cutoff, _blocks.Scratch())
+    slow = distance_weighted_probabilities(dist, neg, 5, cutoff, nonzero_loss_cutoff)
+    assert torch.isfinite(fast).all()
+    torch.testing.assert_close(fast, slow, rtol=1e-9, atol=1e-12)
+
+
 # ------------------------------------------------------------------------------------ memory
 
 
