@@ -37,7 +37,7 @@ return at all). Label layouts: ``pk4`` = P×K with K = 4 (B/4 classes), ``c32`` 
 (K = B/32); at B = 128 they coincide and only ``pk4`` is run. Proxy losses use
 ``num_classes`` = the number of classes of the layout.
 
-Run by hand (not a test; ~20 minutes for the whole grid)::
+Run by hand (not a test; about 35 minutes for the whole grid on 2 cores)::
 
     python benchmarks/bench_losses.py                           # every config, B in 128 512 2048 4096
     python benchmarks/bench_losses.py --losses triplet_margin,circle --sizes 512 2048
