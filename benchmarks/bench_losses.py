@@ -802,6 +802,8 @@ def _write(
     import torch
     import pytorch_metric_learning
 
+    from deepmetric.io import atomic_write_text
+
     meta = {
         "date": datetime.now().strftime("%Y-%m-%d %H:%M"),
         "torch": torch.__version__,
@@ -813,7 +815,6 @@ def _write(
         "mem_cap_gb": args.mem_cap_gb,
         "command": "python benchmarks/bench_losses.py " + " ".join(sys.argv[1:]),
         "env": args.env,
-        "omp_wait_policy": "PASSIVE" if args.env == "quiet" else "library default",
         "load": [load_start, os.getloadavg()[0]],
         "wall_s": time.time() - t_start,
     }
@@ -821,15 +822,9 @@ def _write(
         RESULTS.mkdir(parents=True, exist_ok=True)
         if getattr(args, "update", False):
             records, meta = _merged(records, meta)
-        _atomic_write(RESULTS / "bench_losses.json", json.dumps({"meta": meta, "records": records}, indent=1))
-        _atomic_write(RESULTS / "bench_losses.md", render(records, meta))
+        atomic_write_text(RESULTS / "bench_losses.json", json.dumps({"meta": meta, "records": records}, indent=1))
+        atomic_write_text(RESULTS / "bench_losses.md", render(records, meta))
     return meta
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

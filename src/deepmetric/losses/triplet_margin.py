@@ -200,6 +200,11 @@ def _positives_from_pairs(a1: Tensor, p: Tensor, batch: int, ref_size: int) -> t
     return cols, valid
 
 
+def _slot_penalty(valid: Tensor, dtype: torch.dtype) -> Tensor:
+    """0 on the valid positive slots, -inf on the others (added to the thresholds)."""
+    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, float("-inf"))
+
+
 class _SlotHinge:
     """Block kernel of ``S = Σ_{a, p, n} [d_ap + m − d_an]₊`` over each anchor's positives ``p`` (padded
     ``(B, W)`` indices) and negatives ``n`` (cells whose penalty is 0).
@@ -224,13 +229,12 @@ class _SlotHinge:
             return (torch.zeros((), dtype=torch.float64, device=d.device),
                     torch.zeros((), dtype=torch.long, device=d.device), None, None)
         if self._tpen is None:
-            self._tpen = torch.zeros(self.pidx.shape, dtype=d.dtype, device=d.device).masked_fill_(~self.pvalid, float("-inf"))
+            self._tpen = _slot_penalty(self.pvalid, d.dtype)
         sc = self.scratch
         dn = self.negatives(d, start, end, sc.get("dn", (rows, cols), d.dtype, d.device))
         kept = getattr(self.negatives, "kept_positives", None)  # fused mining: this block's positives
         if kept is not None:
-            pvalid = kept
-            tpen = torch.zeros(pvalid.shape, dtype=d.dtype, device=d.device).masked_fill_(~pvalid, float("-inf"))
+            pvalid, tpen = kept, _slot_penalty(kept, d.dtype)
         else:
             tpen = self._tpen[start:end]
         t = d.gather(1, pidx).add_(self.margin).add_(tpen)  # -inf on padding (and unkept) slots
@@ -279,58 +283,66 @@ def _pair_negatives(cells: "PairCells", counts: Tensor, big: float):
     return negatives
 
 
-class _MinedNegatives:
+class _KeptNegatives:
+    """The negatives the multi-similarity ε-rule (:class:`~deepmetric.miners.multi_similarity._Kept`)
+    keeps in a block of anchors, from the block's cosine similarities (one more matmul, rows of
+    ``step`` at most): :meth:`_keep` gives the kept positive slots and the kept negatives (0/1 floats
+    in ``out``); :meth:`_penalised` turns the latter into ``d`` on them, huge elsewhere."""
+
+    def __init__(self, kept, embeddings: Tensor, step: int, owner: str) -> None:
+        self.kept, self.step, self.big = kept, step, big(embeddings.dtype)
+        self.ops = Operands(embeddings.detach(), None, "cosine")
+        self.scratch = Scratch(owner)
+
+    def _keep(self, start: int, end: int, out: Tensor) -> tuple[Tensor, Tensor]:
+        rows, cols = out.shape
+        ops = self.ops
+        buf = self.scratch.get("sim", (min(self.step, ops.rows), cols), ops.x.dtype, ops.x.device)
+        sim = torch.mm(ops.x[start:end], ops.yt, out=buf[:rows])
+        return self.kept(start, end, sim, out=out)
+
+    def _penalised(self, keep: Tensor, d: Tensor) -> Tensor:
+        return keep.sub_(1.0).mul_(-self.big).add_(d)  # huge off the kept negatives, d on them
+
+
+class _MinedNegatives(_KeptNegatives):
     """The negatives of :class:`~deepmetric.miners.MultiSimilarityMiner` pairs, recomputed per block from
     the miner's similarity blocks (same operations, same blocks) instead of read from the 4-tuple, and
     checked against the miner's per-block counts (``mismatch`` if they differ)."""
 
-    def __init__(self, note, embeddings: Tensor, counts: Tensor, big: float) -> None:
-        self.note, self.counts, self.big = note, counts, big
-        self.ops = Operands(embeddings.detach(), None, "cosine")
-        self.scratch = Scratch("_MinedNegatives")
+    def __init__(self, note, embeddings: Tensor, counts: Tensor) -> None:
+        super().__init__(note.kept, embeddings, note.step, "_MinedNegatives")
+        self.note, self.counts = note, counts
         self.mismatch = False
 
     def __call__(self, d: Tensor, start: int, end: int, out: Tensor) -> Tensor:
-        rows, cols = d.shape
-        ops = self.ops
-        buf = self.scratch.get("sim", (min(self.note.step, ops.rows), cols), ops.x.dtype, ops.x.device)
-        sim = torch.mm(ops.x[start:end], ops.yt, out=buf[:rows])
-        _, keep = self.note.kept(start, end, sim, out=out)  # 0/1 floats
+        _, keep = self._keep(start, end, out)
         per_row = keep.sum(1)  # exact: integers below 2**24
         self.counts[start:end] = per_row
         if int(per_row.sum()) != self.note.counts.get(start, 0):
             self.mismatch = True
-        return keep.sub_(1.0).mul_(-self.big).add_(d)  # huge off the kept negatives, d on them
+        return self._penalised(keep, d)
 
 
-class _FusedMultiSimilarity:
+class _FusedMultiSimilarity(_KeptNegatives):
     """Multi-similarity mining inside the loss's blocks (``loss(x, y, miner=MultiSimilarityMiner())``):
-    per block the cosine similarities of its anchors (one more matmul) and the miner's ε-rule
-    (:class:`~deepmetric.miners.multi_similarity._Kept`, the same comparisons) give the kept
-    negatives (returned as ``d`` on them, huge elsewhere) and the kept positive slots
-    (``kept_positives``, read by :class:`_SlotHinge`); the number of triplets, ``Σ_a #kept
-    positives(a) · #kept negatives(a)``, is counted as the blocks pass. No pair is listed."""
+    the kept negatives of each block and its kept positive slots (``kept_positives``, read by
+    :class:`_SlotHinge`); the number of triplets, ``Σ_a #kept positives(a) · #kept negatives(a)``,
+    is counted as the blocks pass. No pair is listed."""
 
     def __init__(self, groups: LabelGroups, embeddings: Tensor, epsilon: float, step: int) -> None:
         from deepmetric.miners.multi_similarity import _Kept
 
-        self.kept = _Kept(groups, epsilon)
-        self.ops = Operands(embeddings.detach(), None, "cosine")
-        self.step, self.big = step, big(embeddings.dtype)
-        self.scratch = Scratch("_FusedMultiSimilarity")
+        super().__init__(_Kept(groups, epsilon), embeddings, step, "_FusedMultiSimilarity")
         self.kept_positives: Tensor | None = None
         self.triplets = torch.zeros((), dtype=torch.float64, device=embeddings.device)
 
     def __call__(self, d: Tensor, start: int, end: int, out: Tensor) -> Tensor:
-        rows, cols = d.shape
-        ops = self.ops
-        buf = self.scratch.get("sim", (min(self.step, ops.rows), cols), ops.x.dtype, ops.x.device)
-        sim = torch.mm(ops.x[start:end], ops.yt, out=buf[:rows])
-        keep_pos, keep = self.kept(start, end, sim, out=out)  # keep: 0/1 floats
+        keep_pos, keep = self._keep(start, end, out)
         self.kept_positives = keep_pos
         per_row = keep.sum(1, dtype=torch.float64)
         self.triplets += (keep_pos.sum(1, dtype=torch.float64) * per_row).sum()
-        return keep.sub_(1.0).mul_(-self.big).add_(d)  # huge off the kept negatives, d on them
+        return self._penalised(keep, d)
 
 
 def _multi_similarity_fused(
@@ -338,7 +350,8 @@ def _multi_similarity_fused(
 ) -> Tensor:
     """Every ``(a, p, n)`` of a kept positive and a kept negative pair of
     :class:`~deepmetric.miners.MultiSimilarityMiner` (no cap), mined inside the loss's blocks."""
-    groups = LabelGroups(labels.to(embeddings.device), labels.to(embeddings.device), True)
+    lab = labels.to(embeddings.device)
+    groups = LabelGroups(lab, lab, True)
     if groups.pidx.shape[1] == 0:
         return zero_loss(embeddings, None)
     x, _ = _block_operands(embeddings, None, distance)
@@ -499,17 +512,12 @@ def _fusable(miner: object, distance: str, soft_margin: bool, same_set: bool, fa
 def _batch_hard_fused(
     embeddings: Tensor, labels: Tensor, miner: nn.Module, margin: float, distance: str, soft_margin: bool,
     reduction: str,
-) -> Tensor | None:
+) -> Tensor:
     """``loss(x, y, miner=HardMiner(...))`` in one go: the miner's blocks give one triplet per anchor row
     (known valid: no index checks), whose terms come from the gathered embeddings, the anchors'
-    gradient written row by row when every row has a triplet. ``None`` when this does not apply."""
-    from deepmetric.miners.hard import HardMiner, batch_hard_rows
+    gradient written row by row when every row has a triplet."""
+    from deepmetric.miners.hard import batch_hard_rows
 
-    if (
-        not isinstance(miner, HardMiner) or distance == "cosine"
-        or not supported(embeddings, None, miner.distance)
-    ):
-        return None
     with torch.no_grad():
         lab = labels.to(embeddings.device)
         a, p, n, rows = batch_hard_rows(Operands(embeddings.detach(), None, miner.distance), lab, lab, True)
@@ -520,6 +528,13 @@ def _batch_hard_fused(
         embeddings, None, a, p, n, margin, soft_margin, distance == "squared_euclidean", want_grad, rows
     )
     return reduce_terms(total, torch.tensor(a.numel(), device=embeddings.device), nonzero, reduction)
+
+
+def _hard_fusable(miner: object, embeddings: Tensor, distance: str) -> bool:
+    """Whether the loss can mine ``miner``'s triplets in the same call (see :func:`_batch_hard_fused`)."""
+    from deepmetric.miners.hard import HardMiner
+
+    return isinstance(miner, HardMiner) and distance != "cosine" and supported(embeddings, None, miner.distance)
 
 
 def _ms_fusable(miner: object, embeddings: Tensor, soft_margin: bool) -> bool:
@@ -676,7 +691,7 @@ def _all_triplets_blocked(
     elif mined is not None:  # pairs of MultiSimilarityMiner: recompute its negatives, block by block
         pidx, pvalid = _positives_from_pairs(indices[0], indices[1], batch, ref_size)
         neg_count = torch.zeros(batch, dtype=torch.long, device=device)
-        negatives = _MinedNegatives(mined, embeddings, neg_count, big(dtype))
+        negatives = _MinedNegatives(mined, embeddings, neg_count)
         step = mined.step
     else:
         pos_cells, neg_cells = pair_cells(indices, batch, ref_size, step, device)
@@ -721,9 +736,8 @@ def triplet_margin_loss(
         if _fusable(miner, distance, soft_margin, same_set, fast):
             return _semi_hard_fused(embeddings, labels, miner.margin, margin, distance, reduction)  # type: ignore[attr-defined]
         if same_set and fast:
-            out = _batch_hard_fused(embeddings, labels, miner, margin, distance, soft_margin, reduction)
-            if out is not None:
-                return out
+            if _hard_fusable(miner, embeddings, distance):
+                return _batch_hard_fused(embeddings, labels, miner, margin, distance, soft_margin, reduction)
             if _ms_fusable(miner, embeddings, soft_margin):
                 return _multi_similarity_fused(embeddings, labels, miner.epsilon, margin, distance, reduction)  # type: ignore[attr-defined]
         with torch.no_grad():

@@ -135,11 +135,8 @@ class Operands:
         ``‖y‖² − 2·x·y = d² − ‖x‖²`` for the euclidean distances, ``−x̂·ŷ = d − 1`` for cosine."""
         xb = self.x[start:end]
         if self.distance == "cosine":
-            s = torch.mm(xb, self.yt, out=out) if out is not None else torch.mm(xb, self.yt)
-            return s.neg_()
-        if out is not None:
-            return torch.addmm(self.y2, xb, self.yt, beta=1.0, alpha=-2.0, out=out)
-        return torch.addmm(self.y2, xb, self.yt, beta=1.0, alpha=-2.0)
+            return torch.mm(xb, self.yt, out=out).neg_()
+        return torch.addmm(self.y2, xb, self.yt, beta=1.0, alpha=-2.0, out=out)
 
     def _clamped(self, d: Tensor, start: int, end: int, floor: float, mask_out: Tensor | None):
         if self.same and start < self.cols:

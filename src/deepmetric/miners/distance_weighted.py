@@ -58,11 +58,6 @@ def distance_weighted_probabilities(
     return w.div_(total.clamp_min(torch.finfo(w.dtype).tiny)) if in_place else w / total.clamp_min(torch.finfo(w.dtype).tiny)
 
 
-#: exp's argument floor: one above log(smallest normal) (at log(tiny) itself the result rounds to a
-#: subnormal and takes the slow path).
-_EXP_FLOOR = {dt: math.log(torch.finfo(dt).tiny) + 1.0 for dt in (torch.float32, torch.float64)}
-
-
 def _block_probabilities(
     dist: Tensor, groups: LabelGroups, start: int, end: int, dim: int, cutoff: float, nonzero_loss_cutoff: float,
     scratch: Scratch,
@@ -98,9 +93,9 @@ def _block_probabilities(
     has_valid = row_max > -0.5 * huge
     shift = torch.where(has_valid, row_max, torch.zeros_like(row_max))
     # exp of an argument whose result underflows takes a slow path (10-40x slower on CPU): clamp the
-    # argument just above log(tiny) (a kept weight below e^{-86} of its row's largest stays that small
-    # instead of becoming subnormal) and zero the removed cells with their mask
-    w = log_w.sub_(shift).clamp_min_(_EXP_FLOOR.get(dtype, math.log(tiny) + 1.0)).exp_()
+    # argument one above log(tiny) (at log(tiny) itself the result rounds to a subnormal; a kept weight
+    # below e^{-86} of its row's largest stays that small) and zero the removed cells with their mask
+    w = log_w.sub_(shift).clamp_min_(math.log(tiny) + 1.0).exp_()
     w.mul_(torch.lt(invalid, 0.5, out=scratch.get("keep", shape, torch.bool, device)))
     w.div_(d.clamp_min_(tiny) if degenerate else d)  # the -log d factor (<= 1/cutoff: no overflow)
     if not bool(has_valid.all()):
