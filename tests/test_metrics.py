@@ -314,3 +314,20 @@ def test_input_errors() -> None:
             evaluate(x, y, ks=ks)
     with pytest.raises(ConfigError):
         evaluate(x, y, num_threads=0)
+
+
+def test_sort_rows_equals_a_full_lexsort() -> None:
+    """The row sort only re-sorts rows with ties (or out of order): same result as lexsorting all."""
+    from deepmetric.metrics.knn import _sort_rows
+
+    rng = np.random.default_rng(0)
+    dist = np.sort(rng.integers(0, 6, size=(200, 9)).astype(np.float32), axis=1)  # many ties
+    dist[:50] = np.sort(rng.random((50, 9)).astype(np.float32), axis=1)  # rows without ties
+    dist[50:55] = rng.random((5, 9)).astype(np.float32)  # rows out of order
+    dist[55, 3] = np.nan
+    idx = rng.permutation(200 * 9).reshape(200, 9).astype(np.int64)
+    order = np.lexsort((idx, dist), axis=-1)
+    want_d, want_i = np.take_along_axis(dist, order, axis=1), np.take_along_axis(idx, order, axis=1)
+    got_d, got_i = _sort_rows(dist.copy(), idx.copy())
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_array_equal(got_d, want_d)

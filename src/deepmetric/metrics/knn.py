@@ -47,9 +47,20 @@ def default_block_size(k: int) -> int:
 
 
 def _sort_rows(dist: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Order each row by (distance, index), the documented tie rule."""
-    order = np.lexsort((idx, dist), axis=-1)
-    return np.take_along_axis(dist, order, axis=1), np.take_along_axis(idx, order, axis=1)
+    """Order each row by (distance, index), the documented tie rule.
+
+    faiss returns rows sorted by distance, so only the rows holding equal neighbouring distances
+    need the (distance, index) sort; a row out of order (never seen from faiss) is sorted too.
+    Two comparisons over the block instead of a lexsort of every row (the sort took ~8 % of a
+    leave-one-out evaluation)."""
+    step = dist[:, 1:] - dist[:, :-1]
+    rows = np.flatnonzero(~(step > 0).all(axis=1))  # a tie, a descent or a NaN
+    if rows.size:
+        sub_d, sub_i = dist[rows], idx[rows]
+        order = np.lexsort((sub_i, sub_d), axis=-1)
+        dist[rows] = np.take_along_axis(sub_d, order, axis=1)
+        idx[rows] = np.take_along_axis(sub_i, order, axis=1)
+    return dist, idx
 
 
 def iter_knn_blocks(
