@@ -137,6 +137,7 @@ def native_scan() -> Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
     subprocess.run([cc, "-O3", "-march=native", "-shared", "-fPIC", "-o", str(tmp / "scan.so"), str(tmp / "scan.c")],
                    check=True)
     lib = ctypes.CDLL(str(tmp / "scan.so"))
+    shutil.rmtree(tmp)  # the library stays mapped after its file is gone
     lib.scan_pairs.restype = ctypes.c_int64
     lib.scan_pairs.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p,
                                ctypes.c_int64]
@@ -202,8 +203,8 @@ def main() -> None:
         labels = BL._labels(B, layout)
         classes = int(labels.max()) + 1
         items: dict[str, Callable[[], Any]] = {}
-        for name in CONFIGS:
-            spec = BL.build(name, x, labels)
+        specs = {name: BL.build(name, x, labels) for name in CONFIGS}
+        for name, spec in specs.items():
             for side in ("ours", "pml"):
                 def call(fn=spec[side]) -> None:
                     e = x.detach().clone().requires_grad_(True)
@@ -218,7 +219,7 @@ def main() -> None:
         items["pass"] = lambda: torch.lt(dense, 0.5, out=mask)
         items["nonzero"] = lambda: sparse.view(-1).nonzero()
         items["op"] = lambda: torch.add(tiny, 1.0, out=tiny)
-        pml = BL.build("contrastive", x, labels)["pml"]
+        pml = specs["contrastive"]["pml"]
         variants = {"lean contrastive": None} | ({} if scan is None else {"native-scan contrastive": scan})
         for key, fn in variants.items():
             e1 = x.clone().requires_grad_(True)

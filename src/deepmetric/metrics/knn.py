@@ -51,10 +51,9 @@ def _sort_rows(dist: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
     faiss returns rows sorted by distance, so only the rows holding equal neighbouring distances
     need the (distance, index) sort; a row out of order (never seen from faiss) is sorted too.
-    Two comparisons over the block instead of a lexsort of every row (the sort took ~8 % of a
+    One comparison over the block instead of a lexsort of every row (the sort took ~8 % of a
     leave-one-out evaluation)."""
-    step = dist[:, 1:] - dist[:, :-1]
-    rows = np.flatnonzero(~(step > 0).all(axis=1))  # a tie, a descent or a NaN
+    rows = np.flatnonzero(~(dist[:, 1:] > dist[:, :-1]).all(axis=1))  # a tie, a descent or a NaN
     if rows.size:
         sub_d, sub_i = dist[rows], idx[rows]
         order = np.lexsort((sub_i, sub_d), axis=-1)
