@@ -28,13 +28,17 @@ def clustered(n: int, classes: int, dim: int = 8, spread: float = 1.3, seed: int
 
 
 # ----------------------------------------------------------------------------------------- k-NN
+BACKENDS = ["native", "faiss"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 @pytest.mark.parametrize("loo", [True, False])
-def test_knn_matches_brute_force(metric: str, loo: bool) -> None:
+def test_knn_matches_brute_force(metric: str, loo: bool, backend: str) -> None:
     x, _ = clustered(120, 6, seed=1)
     g, _ = clustered(90, 6, seed=2)
     gallery = None if loo else g
-    d, i = knn(x, gallery, k=7, metric=metric)
+    d, i = knn(x, gallery, k=7, metric=metric, backend=backend)
     rd, ri = ref_knn(x, gallery, 7, metric)
     assert d.shape == i.shape == (120, 7) and d.dtype == np.float32 and i.dtype == np.int64
     np.testing.assert_array_equal(i, ri)
@@ -43,29 +47,111 @@ def test_knn_matches_brute_force(metric: str, loo: bool) -> None:
         assert not (i == np.arange(120)[:, None]).any()
 
 
-def test_knn_small_blocks_equal_one_block() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_knn_small_blocks_equal_one_block(backend: str) -> None:
     x, _ = clustered(150, 5, seed=3)
-    d1, i1 = knn(x, k=9, block_size=7)
-    d2, i2 = knn(x, k=9)
+    d1, i1 = knn(x, k=9, block_size=7, backend=backend)
+    d2, i2 = knn(x, k=9, backend=backend)
     np.testing.assert_array_equal(i1, i2)
     np.testing.assert_array_equal(d1, d2)
 
 
-def test_knn_ties_broken_by_index_and_duplicates_kept() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_knn_ties_broken_by_index_and_duplicates_kept(backend: str) -> None:
     # integer coordinates: distances are exact, so many exact ties
     rng = np.random.default_rng(4)
     x = rng.integers(0, 3, size=(60, 2)).astype(np.float32)
     for loo in (True, False):
         gallery = None if loo else x[::-1].copy()
-        _, i = knn(x, gallery, k=15)
+        _, i = knn(x, gallery, k=15, backend=backend)
         _, ri = ref_knn(x, gallery, 15, "euclidean")
         np.testing.assert_array_equal(i, ri)
     # a query with 5 exact copies of itself gets those copies first (self excluded by index)
     y = np.zeros((6, 3), np.float32)
     y = np.vstack([y, np.ones((4, 3), np.float32)])
-    d, i = knn(y, k=5)
+    d, i = knn(y, k=5, backend=backend)
     assert i[0].tolist() == [1, 2, 3, 4, 5] and d[0].tolist() == [0.0] * 5
     assert i[3].tolist() == [0, 1, 2, 4, 5]
+
+
+@pytest.mark.parametrize("loo", [True, False])
+def test_native_knn_across_tiles_threads_and_buffer_cuts(loo: bool) -> None:
+    """Several 128-row tiles on 2 workers, 3 gallery chunks of 2048 columns and k large enough that
+    every row's key buffer (2k + 32) is cut back many times; integer coordinates make thousands of
+    exact ties, which must still go to the lowest gallery index, exactly as the brute force."""
+    rng = np.random.default_rng(7)
+    q = rng.integers(-2, 3, size=(4500 if loo else 300, 3)).astype(np.float32)
+    g = None if loo else rng.integers(-2, 3, size=(4500, 3)).astype(np.float32)
+    k = 200
+    before = torch.get_num_threads()
+    d, i = knn(q, g, k=k, backend="native", num_threads=2)
+    assert torch.get_num_threads() == before
+    # vectorised brute force (ref_knn's rule: by (distance, index), self excluded by index)
+    gal = (q if loo else g).astype(np.float64)
+    q64 = q.astype(np.float64)  # integer coordinates: the float64 expansion is exact
+    full = (q64**2).sum(1)[:, None] + (gal**2).sum(1)[None, :] - 2 * q64 @ gal.T
+    if loo:
+        np.fill_diagonal(full, np.inf)
+    cols = np.broadcast_to(np.arange(full.shape[1]), full.shape)
+    ri = np.lexsort((cols, full), axis=1)[:, :k]
+    rd = np.sqrt(np.take_along_axis(full, ri, axis=1))
+    np.testing.assert_array_equal(i, ri)
+    np.testing.assert_allclose(d, rd, rtol=1e-5, atol=1e-5)
+    _, i_f = knn(q, g, k=k, backend="faiss", num_threads=2)
+    np.testing.assert_array_equal(i_f, ri)
+
+
+def test_native_knn_random_data_agrees_with_float64_brute_force() -> None:
+    """Continuous data, several chunks: every returned neighbour is among the true k nearest up to
+    float32 rounding of the score (|difference| of the k-th distance below 1e-4 relative)."""
+    x, _ = clustered(2500, 20, dim=32, seed=5)
+    k = 40
+    d, i = knn(x, k=k, backend="native", num_threads=2)
+    x64 = x.astype(np.float64)
+    sq = (x64**2).sum(1)
+    full = np.maximum(sq[:, None] + sq[None, :] - 2 * x64 @ x64.T, 0.0)  # float64: ~1e-12 relative
+    np.fill_diagonal(full, np.inf)
+    true_d = np.sqrt(np.sort(full, axis=1)[:, :k])
+    np.testing.assert_allclose(d, true_d, rtol=1e-4, atol=1e-4)
+    got = np.sqrt(np.take_along_axis(full, i, axis=1))
+    np.testing.assert_allclose(got, true_d, rtol=1e-4, atol=1e-4)  # the ids carry those distances
+    assert (np.diff(d, axis=1) >= 0).all() and not (i == np.arange(len(x))[:, None]).any()
+
+
+def test_knn_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepmetric.metrics.knn import resolve_backend
+
+    x, _ = clustered(30, 3)
+    with pytest.raises(ConfigError, match="backend"):
+        knn(x, k=3, backend="gpu")
+    assert resolve_backend("auto", 30) == "native"  # this machine has a C compiler
+    monkeypatch.setenv("DEEPMETRIC_NATIVE", "0")
+    assert resolve_backend("auto", 30) == "faiss"
+    with pytest.raises(ConfigError, match="native k-NN kernel is unavailable"):
+        knn(x, k=3, backend="native")
+    np.testing.assert_array_equal(knn(x, k=3)[1], ref_knn(x, None, 3, "euclidean")[1])
+
+
+def test_native_loader_without_compiler_warns_once_and_falls_back(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    import deepmetric._native as native
+
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(native, "_warned", set())
+    monkeypatch.setenv("DEEPMETRIC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler-xyz")
+    with pytest.warns(RuntimeWarning, match="no C compiler found"):
+        assert native.load("knn_select") is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.load("knn_select") is None  # remembered, not warned again
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.delenv("CC")
+    lib = native.load("knn_select")  # builds into the fresh cache directory, atomically
+    assert lib is not None and hasattr(lib, "dm_scan")
+    built = list((tmp_path / "native").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("knn_select-") and built[0].suffix == ".so"
 
 
 def test_knn_k_validation() -> None:

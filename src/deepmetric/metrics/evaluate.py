@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from deepmetric.errors import DataError
+from deepmetric.errors import ConfigError, DataError
 from deepmetric.metrics._inputs import (
     as_embeddings,
     as_labels,
@@ -17,7 +17,7 @@ from deepmetric.metrics._inputs import (
     normalize_rows,
 )
 from deepmetric.metrics.clustering import kmeans_assign, nmi_ami
-from deepmetric.metrics.knn import default_block_size, faiss_threads, iter_knn_blocks
+from deepmetric.metrics.knn import BACKENDS, default_block_size, faiss_threads, iter_knn_blocks
 from deepmetric.metrics.retrieval import RetrievalAccumulator
 
 __all__ = ["evaluate"]
@@ -35,13 +35,14 @@ def evaluate(
     seed: int = 0,
     num_threads: int | None = None,
     progress: bool = False,
+    backend: str = "auto",
 ) -> dict[str, float]:
     """Retrieval and clustering metrics of labelled embeddings (exact k-NN, MLRC definitions).
 
     k-NN metrics (see :mod:`deepmetric.metrics.retrieval` for the formulas): ``recall@K`` for each
     ``K`` in ``ks`` (hit if *any* of the top K shares the query's label), ``precision@1``,
     ``r_precision`` and ``map@r``, where ``R`` is the number of gallery items with the query's
-    label. The k-NN search is exact (faiss flat index) with ``k = max(max(ks), R_max)`` neighbours,
+    label. The k-NN search is exact (:func:`deepmetric.metrics.knn.knn`'s backends) with ``k = max(max(ks), R_max)`` neighbours,
     ``R_max`` the largest ``R`` of any query, so memory is ``O(N·k)``, never ``N × N``.
     Neighbours are ordered by distance, ties by gallery index (see :mod:`deepmetric.metrics.knn`).
 
@@ -65,8 +66,11 @@ def evaluate(
         metric: ``"euclidean"`` or ``"cosine"`` (``1 - cos``).
         clustering: compute ``nmi`` and ``ami`` (skip to save the k-means time).
         seed: k-means seed.
-        num_threads: faiss threads (default ``torch.get_num_threads()``), restored afterwards.
+        num_threads: threads of the k-NN search and of faiss k-means (default
+            ``torch.get_num_threads()``), restored afterwards.
         progress: show a tqdm bar over query blocks.
+        backend: k-NN backend, ``"auto"``, ``"native"`` or ``"faiss"`` (same neighbours; see
+            :mod:`deepmetric.metrics.knn`).
 
     Returns:
         ``{"recall@K": ..., "precision@1", "r_precision", "map@r", ["nmi", "ami"], "num_queries",
@@ -76,7 +80,7 @@ def evaluate(
     Raises:
         DataError: bad shapes, length mismatches, empty sets, gallery without labels.
         NonFiniteError: NaN/inf in the embeddings.
-        ConfigError: unknown metric, bad ``ks`` or ``num_threads``.
+        ConfigError: unknown metric or backend, bad ``ks`` or ``num_threads``.
 
     Example:
         >>> import numpy as np
@@ -86,6 +90,8 @@ def evaluate(
         (0.8, 0.0)
     """
     check_metric(metric)
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown k-NN backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     ks = check_ks(ks)
     threads = check_num_threads(num_threads)
     q = as_embeddings(query, "query")
@@ -125,6 +131,7 @@ def evaluate(
             for start, stop, _, idx in iter_knn_blocks(
                 queries, g, k_used, metric, self_ids=self_ids,
                 block_size=default_block_size(k_used + 1), progress=progress,
+                backend=backend, num_threads=threads,
             ):
                 rows = valid[start:stop]
                 relevant = g_codes[idx] == q_codes[rows, None]

@@ -1,4 +1,4 @@
-"""Exact k-nearest-neighbour search (faiss, blocked over queries).
+"""Exact k-nearest-neighbour search, blocked over queries.
 
 Ordering and ties: the neighbours of a query are sorted by increasing distance; equal distances
 (as computed in float32) are ordered by increasing gallery index, and when equidistant items compete
@@ -6,16 +6,31 @@ for the last of the ``k`` places the lowest gallery indices win. The leave-one-o
 (``gallery=None``) excludes each query by *index*, never by distance, so an exact duplicate of a
 query is still one of its neighbours.
 
-Memory is ``O(N·k)``: queries are searched in blocks with faiss' exhaustive search (``faiss.knn``:
-the kernels of ``IndexFlatL2`` / ``IndexFlatIP``, without copying the gallery into an index), so no
-``N × N`` matrix is ever built.
+Two backends compute the same neighbours:
+
+- ``"native"`` (the default where a C compiler is available; see :mod:`deepmetric._native`): each
+  worker thread computes a 128 × 2048 tile of scores with a torch GEMM (``q·g - |g|²/2`` for
+  euclidean, ``q·g`` for cosine) and, while the tile is still in cache, streams it through a C
+  top-k selection (16 columns per vector test against the row's current k-th score; a full buffer
+  is cut back with a quickselect). No ``N × M`` matrix and no heap per cell: about twice as fast as
+  faiss' own search on 2 cores (``benchmarks/bench_eval.py``). Equal scores go to the lower
+  gallery index.
+- ``"faiss"``: faiss' exhaustive search (``faiss.knn``, the kernels of ``IndexFlatL2`` /
+  ``IndexFlatIP``, without copying the gallery into an index). Used where the native kernel cannot
+  be built, or on request.
+
+Memory is ``O(N·k)`` either way.
 """
 from __future__ import annotations
 
+import ctypes
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 
 from deepmetric.errors import ConfigError, DataError
 from deepmetric.metrics._inputs import (
@@ -25,7 +40,12 @@ from deepmetric.metrics._inputs import (
     normalize_rows,
 )
 
-__all__ = ["knn", "faiss_threads", "iter_knn_blocks", "default_block_size"]
+__all__ = ["knn", "faiss_threads", "iter_knn_blocks", "default_block_size", "BACKENDS"]
+
+BACKENDS = ("auto", "native", "faiss")
+_TILE_ROWS = 128  # a worker's score tile: 128 x 2048 float32 = 1 MB, stays in L2 between GEMM and scan
+_TILE_COLS = 2048
+_MAX_NATIVE_GALLERY = 2**32 - 1  # gallery ids are packed into 32 bits
 
 
 @contextmanager
@@ -62,6 +82,105 @@ def _sort_rows(dist: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return dist, idx
 
 
+def _native_lib() -> ctypes.CDLL | None:
+    from deepmetric._native import load
+
+    lib = load("knn_select")
+    if lib is not None and not hasattr(lib, "_deepmetric_typed"):
+        p, i = ctypes.c_void_p, ctypes.c_int64
+        lib.dm_scan.argtypes = [p, i, i, i, p, i, i, i, i, p, p, p, p]
+        lib.dm_scan.restype = None
+        lib.dm_finish.argtypes = [i, i, i, i, p, p, p, p]
+        lib.dm_finish.restype = None
+        lib._deepmetric_typed = True
+    return lib
+
+
+def resolve_backend(backend: str, gallery_size: int) -> str:
+    """The backend ``"auto"`` stands for here (``"native"`` when its kernel loads), or ``backend`` checked."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown k-NN backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "faiss":
+        return "faiss"
+    usable = gallery_size <= _MAX_NATIVE_GALLERY and _native_lib() is not None
+    if backend == "native" and not usable:
+        raise ConfigError(
+            "the native k-NN kernel is unavailable (no working C compiler, DEEPMETRIC_NATIVE=0, "
+            f"or a gallery over {_MAX_NATIVE_GALLERY} rows); use backend='faiss' or 'auto'"
+        )
+    return "native" if usable else "faiss"
+
+
+def _native_search(
+    queries: np.ndarray,
+    gallery: torch.Tensor,
+    half_norms: torch.Tensor | None,
+    k: int,
+    self_ids: np.ndarray | None,
+    threads: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (descending) and gallery ids of the ``k`` best columns of every query row.
+
+    Rows are cut into tiles of ``_TILE_ROWS``; ``threads`` workers take tiles in turn, each with its
+    own 1 MB score tile and key buffer, and call torch's GEMM single-threaded (torch's thread count
+    is set to 1 for the duration and restored)."""
+    lib = _native_lib()
+    assert lib is not None
+    nq, m = queries.shape[0], gallery.shape[0]
+    q = torch.from_numpy(queries)
+    sid = torch.from_numpy(np.ascontiguousarray(self_ids, dtype=np.int64)) if self_ids is not None else None
+    out_v = torch.empty(nq, k, dtype=torch.float32)
+    out_i = torch.empty(nq, k, dtype=torch.int64)
+    cap = 2 * k + 32
+    h_ptr = half_norms.data_ptr() if half_norms is not None else None
+    tiles = iter(range(0, nq, _TILE_ROWS))
+    take = threading.Lock()
+
+    chunks = [(c0, min(m, c0 + _TILE_COLS)) for c0 in range(0, m, _TILE_COLS)]
+    chunk_t = [gallery[c0:c1].T for c0, c1 in chunks]  # views, made once
+
+    def worker() -> None:
+        tile = torch.empty(_TILE_ROWS * _TILE_COLS, dtype=torch.float32)
+        buf = torch.empty(_TILE_ROWS, cap, dtype=torch.int64)  # uint64 keys, same bytes
+        fill = torch.empty(_TILE_ROWS, dtype=torch.int64)
+        thr = torch.empty(_TILE_ROWS, dtype=torch.float32)
+        t_ptr, b_ptr, f_ptr, r_ptr = tile.data_ptr(), buf.data_ptr(), fill.data_ptr(), thr.data_ptr()
+        views: dict[tuple[int, int], torch.Tensor] = {}
+        while True:
+            with take:
+                start = next(tiles, None)
+            if start is None:
+                return
+            stop = min(nq, start + _TILE_ROWS)
+            rows = stop - start
+            fill.zero_()
+            thr.fill_(float("-inf"))
+            qt = q[start:stop]
+            s_ptr = sid[start:stop].data_ptr() if sid is not None else None
+            for (c0, c1), gt in zip(chunks, chunk_t):
+                w = c1 - c0
+                scores = views.get((rows, w))
+                if scores is None:
+                    scores = views[(rows, w)] = tile[: rows * w].view(rows, w)
+                torch.mm(qt, gt, out=scores)
+                lib.dm_scan(t_ptr, w, w, c0, h_ptr, 0, rows, k, cap, b_ptr, f_ptr, r_ptr, s_ptr)
+            lib.dm_finish(0, rows, k, cap, b_ptr, f_ptr, out_v[start:stop].data_ptr(), out_i[start:stop].data_ptr())
+
+    old = torch.get_num_threads()
+    workers = max(1, min(threads, -(-nq // _TILE_ROWS)))
+    torch.set_num_threads(1)
+    try:
+        if workers == 1:
+            worker()
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                for fut in [pool.submit(worker) for _ in range(workers)]:
+                    fut.result()
+    finally:
+        torch.set_num_threads(old)
+    return out_v.numpy(), out_i.numpy()
+
+
 def iter_knn_blocks(
     queries: np.ndarray,
     gallery: np.ndarray,
@@ -71,6 +190,8 @@ def iter_knn_blocks(
     self_ids: np.ndarray | None = None,
     block_size: int | None = None,
     progress: bool = False,
+    backend: str = "auto",
+    num_threads: int | None = None,
 ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
     """Yield ``(start, stop, distances, indices)`` for consecutive blocks of ``queries``.
 
@@ -78,7 +199,9 @@ def iter_knn_blocks(
     ``distances`` are squared euclidean distances or cosine distances ``1 - cos``, clamped at 0;
     ``indices`` are gallery rows (int64), both ``(stop - start, k)``. With ``self_ids`` (the gallery
     row of every query) each query's own row is excluded (leave-one-out); ``k`` must then be at most
-    ``len(gallery) - 1``, else at most ``len(gallery)``.
+    ``len(gallery) - 1``, else at most ``len(gallery)``. ``backend``: see the module docstring;
+    ``num_threads``: the native backend's workers (default ``torch.get_num_threads()``; the faiss
+    backend uses faiss' own setting, see :func:`faiss_threads`).
     """
     from tqdm.auto import tqdm
 
@@ -88,14 +211,31 @@ def iter_knn_blocks(
         raise DataError(f"k={k} neighbours requested but only {gallery.shape[0] - int(loo)} are available")
     import faiss
 
+    native = resolve_backend(backend, gallery.shape[0]) == "native"
+    threads = check_num_threads(num_threads)
     faiss_metric = faiss.METRIC_L2 if metric == "euclidean" else faiss.METRIC_INNER_PRODUCT
     bs = block_size or default_block_size(search_k)
     starts = range(0, queries.shape[0], bs)
+    if native:
+        g_t = torch.from_numpy(np.ascontiguousarray(gallery, dtype=np.float32))
+        half = (g_t * g_t).sum(1).mul_(0.5).contiguous() if metric == "euclidean" else None
     bar = tqdm(total=queries.shape[0], disable=not progress, desc="k-NN", unit="query", leave=False)
     try:
         for start in starts:
             stop = min(start + bs, queries.shape[0])
-            dist, idx = faiss.knn(queries[start:stop], gallery, search_k, metric=faiss_metric)
+            qb = np.ascontiguousarray(queries[start:stop], dtype=np.float32)
+            if native:  # self excluded inside the scan: k neighbours straight away
+                score, idx = _native_search(qb, g_t, half, k, None if not loo else self_ids[start:stop], threads)
+                if metric == "euclidean":  # |q - g|^2 = |q|^2 - 2 (q.g - |g|^2 / 2)
+                    dist = np.einsum("ij,ij->i", qb, qb)[:, None] - 2.0 * score
+                else:
+                    dist = 1.0 - score
+                np.maximum(dist, 0.0, out=dist)
+                dist, idx = _sort_rows(dist.astype(np.float32, copy=False), idx)
+                bar.update(stop - start)
+                yield start, stop, dist, idx
+                continue
+            dist, idx = faiss.knn(qb, gallery, search_k, metric=faiss_metric)
             if metric == "cosine":
                 dist = 1.0 - dist
             np.maximum(dist, 0.0, out=dist)
@@ -121,8 +261,9 @@ def knn(
     num_threads: int | None = None,
     block_size: int | None = None,
     progress: bool = False,
+    backend: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact ``k`` nearest gallery items of every query (faiss exhaustive search, blocked over queries).
+    """Exact ``k`` nearest gallery items of every query (exhaustive search, blocked over queries).
 
     Args:
         query: ``(N, D)`` embeddings (numpy array or torch tensor).
@@ -131,9 +272,12 @@ def knn(
         k: neighbours per query, ``1 <= k <= M`` (``<= N - 1`` leave-one-out).
         metric: ``"euclidean"`` (faiss L2 search) or ``"cosine"`` (faiss inner-product search on
             L2-normalised vectors, distance ``1 - cos``).
-        num_threads: faiss threads (default ``torch.get_num_threads()``); restored afterwards.
-        block_size: queries per faiss call (default about 64 MB of results per block).
+        num_threads: worker threads (default ``torch.get_num_threads()``); faiss' and torch's thread
+            settings are restored afterwards.
+        block_size: queries per block (default about 64 MB of results per block).
         progress: show a tqdm bar over queries.
+        backend: ``"auto"`` (the native kernel where it builds, else faiss), ``"native"`` or
+            ``"faiss"``; both return the same neighbours (see the module docstring).
 
     Returns:
         ``(distances, indices)``: float32 and int64 arrays of shape ``(N, k)``, nearest first; ties
@@ -142,7 +286,8 @@ def knn(
     Raises:
         DataError: bad shapes, empty sets, dimension mismatch, ``k`` larger than the gallery.
         NonFiniteError: NaN/inf in the embeddings.
-        ConfigError: unknown metric, non-positive ``k``, ``num_threads`` or ``block_size``.
+        ConfigError: unknown metric or backend (or ``"native"`` unavailable), non-positive ``k``,
+            ``num_threads`` or ``block_size``.
 
     Example:
         >>> import numpy as np
@@ -176,7 +321,8 @@ def knn(
     self_ids = np.arange(q.shape[0], dtype=np.int64) if loo else None
     with faiss_threads(threads):
         for start, stop, d, i in iter_knn_blocks(
-            q, g, int(k), metric, self_ids=self_ids, block_size=block_size, progress=progress
+            q, g, int(k), metric, self_ids=self_ids, block_size=block_size, progress=progress,
+            backend=backend, num_threads=threads,
         ):
             dist[start:stop] = d
             idx[start:stop] = i
