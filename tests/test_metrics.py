@@ -121,9 +121,13 @@ def test_native_knn_random_data_agrees_with_float64_brute_force() -> None:
 def test_knn_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     from deepmetric.metrics.knn import resolve_backend
 
-    x, _ = clustered(30, 3)
+    x, y = clustered(30, 3)
     with pytest.raises(ConfigError, match="backend"):
         knn(x, k=3, backend="gpu")
+    with pytest.raises(ConfigError, match="backend"):
+        evaluate(x, y, backend="gpu")
+    native, faiss_ = evaluate(x, y, backend="native"), evaluate(x, y, backend="faiss")
+    assert native == faiss_
     assert resolve_backend("auto", 30) == "native"  # this machine has a C compiler
     monkeypatch.setenv("DEEPMETRIC_NATIVE", "0")
     assert resolve_backend("auto", 30) == "faiss"
