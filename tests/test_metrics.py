@@ -118,6 +118,26 @@ def test_native_knn_random_data_agrees_with_float64_brute_force() -> None:
     assert (np.diff(d, axis=1) >= 0).all() and not (i == np.arange(len(x))[:, None]).any()
 
 
+def test_native_knn_from_concurrent_threads() -> None:
+    """Searches started from several threads at once (each with its own worker pool, tiles and key
+    buffers) give the answer of a lone search, and torch's thread count is 2 again afterwards (each
+    search sets it to 1 while its workers run, under a lock, and restores it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    x, _ = clustered(700, 7, dim=16, seed=9)
+    outer = torch.get_num_threads()  # the suite runs with 1 thread: use 2, so a lost restore shows
+    torch.set_num_threads(2)
+    try:
+        expected = knn(x, k=12, backend="native", num_threads=2)[1]
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda _: knn(x, k=12, backend="native", num_threads=2)[1], range(8)))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(outer)
+    for got in results:
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_knn_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     from deepmetric.metrics.knn import resolve_backend
 

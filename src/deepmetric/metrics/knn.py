@@ -46,6 +46,7 @@ BACKENDS = ("auto", "native", "faiss")
 _TILE_ROWS = 128  # a worker's score tile: 128 x 2048 float32 = 1 MB, stays in L2 between GEMM and scan
 _TILE_COLS = 2048
 _MAX_NATIVE_GALLERY = 2**32 - 1  # gallery ids are packed into 32 bits
+_SEARCH_LOCK = threading.Lock()  # one native search at a time (it sets torch's thread count)
 
 
 @contextmanager
@@ -123,7 +124,8 @@ def _native_search(
 
     Rows are cut into tiles of ``_TILE_ROWS``; ``threads`` workers take tiles in turn, each with its
     own 1 MB score tile and key buffer, and call torch's GEMM single-threaded (torch's thread count
-    is set to 1 for the duration and restored)."""
+    is set to 1 for the duration and restored; concurrent searches from several threads run one
+    after the other)."""
     lib = _native_lib()
     assert lib is not None
     nq, m = queries.shape[0], gallery.shape[0]
@@ -166,18 +168,19 @@ def _native_search(
                 lib.dm_scan(t_ptr, w, w, c0, h_ptr, 0, rows, k, cap, b_ptr, f_ptr, r_ptr, s_ptr)
             lib.dm_finish(0, rows, k, cap, b_ptr, f_ptr, out_v[start:stop].data_ptr(), out_i[start:stop].data_ptr())
 
-    old = torch.get_num_threads()
     workers = max(1, min(threads, -(-nq // _TILE_ROWS)))
-    torch.set_num_threads(1)
-    try:
-        if workers == 1:
-            worker()
-        else:
-            with ThreadPoolExecutor(workers) as pool:
-                for fut in [pool.submit(worker) for _ in range(workers)]:
-                    fut.result()
-    finally:
-        torch.set_num_threads(old)
+    with _SEARCH_LOCK:  # concurrent searches queue here, so none restores another's thread setting
+        old = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            if workers == 1:
+                worker()
+            else:
+                with ThreadPoolExecutor(workers) as pool:
+                    for fut in [pool.submit(worker) for _ in range(workers)]:
+                        fut.result()
+        finally:
+            torch.set_num_threads(old)
     return out_v.numpy(), out_i.numpy()
 
 
