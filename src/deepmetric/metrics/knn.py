@@ -273,8 +273,8 @@ def knn(
         gallery: ``(M, D)`` embeddings searched; ``None`` searches ``query`` itself leave-one-out
             (a query never returns itself; exact duplicates of it are still returned).
         k: neighbours per query, ``1 <= k <= M`` (``<= N - 1`` leave-one-out).
-        metric: ``"euclidean"`` (faiss L2 search) or ``"cosine"`` (faiss inner-product search on
-            L2-normalised vectors, distance ``1 - cos``).
+        metric: ``"euclidean"`` or ``"cosine"`` (inner products of L2-normalised vectors,
+            distance ``1 - cos``).
         num_threads: worker threads (default ``torch.get_num_threads()``); faiss' and torch's thread
             settings are restored afterwards.
         block_size: queries per block (default about 64 MB of results per block).
