@@ -130,6 +130,47 @@ def test_hard_matches_reference(seed: int, ref_size: int | None, metric: str) ->
     assert _triplet_set(out) == ref.ref_hard(d, yl, ryl, same)
 
 
+@pytest.mark.parametrize("ref_size", [None, 70])
+@pytest.mark.parametrize("metric", ["euclidean", "squared_euclidean", "cosine"])
+@pytest.mark.parametrize("data", ["continuous", "integer"])
+def test_hard_native_kernel_matches_reference_and_torch_path(
+    ref_size: int | None, metric: str, data: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """float32 input takes the C row scan (deepmetric/_native/rows_select.c); 90 rows against 90 / 70
+    columns exercise its 16-column vector loop and the tail; a singleton class has no positive.
+    Continuous data (no ties): the reference's triplets. Integer coordinates (thousands of equal
+    distances; the block's scores, ``‖y‖² − 2·x·y`` with ``‖y‖²`` from a norm, are equal only up
+    to rounding): the torch path's triplets (DEEPMETRIC_NATIVE=0), which reads the same block values,
+    so the first-of-ties rule (lowest column) is compared on real ties."""
+    from deepmetric.miners.hard import _native_rows_lib
+
+    assert _native_rows_lib() is not None  # this machine has a C compiler: the kernel is what is tested
+    g = torch.Generator().manual_seed(5)
+
+    def points(n: int) -> torch.Tensor:
+        if data == "continuous":
+            return torch.randn(n, 3, generator=g)
+        return torch.randint(-2, 3, (n, 3), generator=g).float() + (0.5 if metric == "cosine" else 0.0)
+
+    x = points(90)
+    rx = None if ref_size is None else points(ref_size)
+    y = torch.randint(0, 6, (90,), generator=g)
+    y[7] = 99  # a singleton class: no positive (and none in the reference set either)
+    ry = None if ref_size is None else torch.randint(0, 6, (ref_size,), generator=g)
+    native = miners.HardMiner(distance=metric)(x, y, rx, ry)
+    assert 7 not in native[0].tolist() and len(native[0]) == 89
+    if data == "continuous":
+        d, yl, ryl, same = _ref_args(x.double(), y, None if rx is None else rx.double(), ry, metric)
+        assert _triplet_set(native) == ref.ref_hard(d, yl, ryl, same)
+    monkeypatch.setenv("DEEPMETRIC_NATIVE", "0")
+    assert _triplet_set(miners.HardMiner(distance=metric)(x, y, rx, ry)) == _triplet_set(native)
+    # one class only: no negatives anywhere, no triplets (both paths)
+    for env in ("0", "1"):
+        monkeypatch.setenv("DEEPMETRIC_NATIVE", env)
+        a, _, _ = miners.HardMiner(distance=metric)(x, torch.zeros(90, dtype=torch.long))
+        assert a.numel() == 0
+
+
 # --------------------------------------------------------------------------------- semi-hard
 @pytest.mark.parametrize("negatives", ["all", "hardest"])
 @pytest.mark.parametrize("fallback", [None, "hardest", "easiest"])

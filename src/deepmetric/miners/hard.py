@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from deepmetric.distances import get_distance
-from deepmetric.miners._blocks import FAST_DISTANCES, LabelGroups, Operands, supported
+from deepmetric.miners._blocks import FAST_DISTANCES, LabelGroups, Operands, dense_labels, supported
 from deepmetric.miners._common import masks, prepare
 from deepmetric.registry import MINERS
 from deepmetric.tuples import Triplets
@@ -36,11 +36,59 @@ def _batch_hard_blocked(ops: Operands, labels: Tensor, ref_labels: Tensor, same_
     return a, p, n
 
 
+def _native_rows_lib():
+    """The C row scan of :func:`batch_hard_rows` (``deepmetric/_native/rows_select.c``), or ``None``."""
+    import ctypes
+
+    from deepmetric._native import load
+
+    lib = load("rows_select")
+    if lib is not None and not hasattr(lib, "_deepmetric_typed"):
+        p, i = ctypes.c_void_p, ctypes.c_int64
+        lib.dm_batch_hard.argtypes = [p, i, i, i, i, p, p, i, i, p, p, p]
+        lib.dm_batch_hard.restype = ctypes.c_int
+        lib._deepmetric_typed = True
+    return lib
+
+
+def _batch_hard_rows_native(
+    lib, ops: Operands, labels: Tensor, ref_labels: Tensor, same_set: bool
+) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """:func:`batch_hard_rows` with the per-row arg-max / arg-min of each block in C (same blocks, same
+    values, same first-of-ties rule: the lowest column). The kernel overwrites each row's same-label
+    cells of the block with +inf (the block is scratch, not read again)."""
+    row_lab, col_lab = dense_labels(labels, None if same_set else ref_labels)
+    row_lab, col_lab = row_lab.contiguous(), col_lab.contiguous()
+    nclass = int(max(int(row_lab.max()), int(col_lab.max()))) + 1 if ops.rows and ops.cols else 1
+    p = torch.empty(ops.rows, dtype=torch.long)
+    n = torch.empty(ops.rows, dtype=torch.long)
+    ok = torch.empty(ops.rows, dtype=torch.uint8)
+    for start, end, s in ops.blocks(scores=True):
+        assert s.is_contiguous()
+        status = lib.dm_batch_hard(
+            s.data_ptr(), s.stride(0), end - start, ops.cols, start, row_lab[start:end].data_ptr(),
+            col_lab.data_ptr(), nclass, int(same_set), p[start:end].data_ptr(), n[start:end].data_ptr(),
+            ok[start:end].data_ptr(),
+        )
+        if status != 0:
+            raise MemoryError("batch-hard mining: could not allocate the label lists")
+    good = ok.bool()
+    if bool(good.all()):
+        return torch.arange(ops.rows), p, n, True
+    a = good.nonzero(as_tuple=True)[0]
+    return a, p[a], n[a], False
+
+
 def batch_hard_rows(
     ops: Operands, labels: Tensor, ref_labels: Tensor, same_set: bool
 ) -> tuple[Tensor, Tensor, Tensor, bool]:
     """:func:`_batch_hard_blocked`'s triplets and whether every anchor row has one (``a`` is then
-    ``0 … B−1``)."""
+    ``0 … B−1``). On CPU float32 the per-row search runs in a small C kernel where one builds
+    (:mod:`deepmetric._native`; ``DEEPMETRIC_NATIVE=0`` turns it off), else in torch."""
+    if ops.x.device.type == "cpu" and ops.x.dtype == torch.float32 and ops.cols < 2**31:
+        lib = _native_rows_lib()
+        if lib is not None:
+            return _batch_hard_rows_native(lib, ops, labels, ref_labels, same_set)
     groups = LabelGroups(labels, ref_labels, same_set)
     pidx, pvalid = groups.pidx, groups.pvalid
     device = pidx.device
