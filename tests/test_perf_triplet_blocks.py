@@ -605,3 +605,57 @@ def test_trainer_passes_the_miner_to_a_fusing_loss(monkeypatch):
     out = LossSet(["triplet_margin", "proxy_anchor"], [triplet, proxy], [1.0, 0.1])(x, y, miner)
     assert calls == [miner]
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean"])
+@pytest.mark.parametrize("explicit", [False, True])
+def test_native_triplet_terms_match_the_torch_path(
+    distance: str, explicit: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """float32 on CPU: the triplet terms, their count and the gradient come from the C loop
+    (``dm_triplet_terms``); DEEPMETRIC_NATIVE=0 selects the torch path it replaces. Both the
+    batch-hard rows (one triplet per anchor row, in order) and explicit triplets with repeated
+    anchors, positives and negatives (rows hit many times), D = 21 (vector and scalar tail), and
+    a pair closer than the clamp (squared distance below 1e-12: zero gradient for the euclidean
+    distance)."""
+    from deepmetric.miners.hard import _native_rows_lib
+
+    assert _native_rows_lib() is not None
+    g = torch.Generator().manual_seed(11)
+    x0 = torch.randn(40, 21, generator=g)
+    x0[4], x0[5] = 0.0, 1e-8  # |x_4 - x_5|^2 = 2.1e-15 < eps: the clamp zeroes this pair's gradient
+    x0[8] = 0.1  # a close negative (class 2), so the triplet (4, 5, 8) is active
+    y = torch.arange(40) // 4
+    a = torch.randint(0, 40, (300,), generator=g)
+    p = (a // 4) * 4 + torch.randint(0, 4, (300,), generator=g)
+    n = torch.randint(0, 40, (300,), generator=g)
+    keep = (y[n] != y[a]) & (p != a)
+    a, p, n = a[keep][:48], p[keep][:48], n[keep][:48]  # few triplets (T * 32 <= B * R): the per-triplet path
+    a[0], p[0], n[0] = 4, 5, 8  # the near-duplicate pair as an active triplet's positive pair
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        x = x0.clone().requires_grad_()
+        loss_fn = TripletMarginLoss(margin=1.5, distance=distance)
+        if explicit:
+            value = loss_fn(x, y, indices=(a, p, n))
+        else:
+            value = loss_fn(x, y, miner=miners.HardMiner(distance=distance))
+        value.backward()
+        return value.detach(), x.grad
+
+    calls: list[bool] = []
+    real = triplet_mod._native_triplet_terms
+
+    def spy(*args):  # type: ignore[no-untyped-def]
+        out = real(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(triplet_mod, "_native_triplet_terms", spy)
+    native_value, native_grad = run()
+    assert calls == [True]  # the C loop computed this loss
+    monkeypatch.setenv("DEEPMETRIC_NATIVE", "0")
+    torch_value, torch_grad = run()
+    assert native_value > 0 and bool(native_grad.abs().sum() > 0)
+    torch.testing.assert_close(native_value, torch_value, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(native_grad, torch_grad, rtol=1e-4, atol=1e-6)

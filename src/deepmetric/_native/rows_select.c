@@ -114,3 +114,66 @@ int dm_batch_hard(float* S, int64_t ld, int64_t rows, int64_t cols, int64_t row0
     free(order);
     return 0;
 }
+
+static inline float sq_diff(const float* u, const float* v, int64_t dim) {
+    v4f acc0 = {0, 0, 0, 0}, acc1 = acc0;
+    int64_t k = 0;
+    for (; k + 8 <= dim; k += 8) {
+        v4f a0, a1, b0, b1;
+        memcpy(&a0, u + k, 16);
+        memcpy(&a1, u + k + 4, 16);
+        memcpy(&b0, v + k, 16);
+        memcpy(&b1, v + k + 4, 16);
+        a0 -= b0;
+        a1 -= b1;
+        acc0 += a0 * a0;
+        acc1 += a1 * a1;
+    }
+    acc0 += acc1;
+    float s = (acc0[0] + acc0[1]) + (acc0[2] + acc0[3]);
+    for (; k < dim; k++) {
+        float d = u[k] - v[k];
+        s += d * d;
+    }
+    return s;
+}
+
+/* Hinge triplet terms of explicit triplets (a, p, n) of one embedding set x (rows x D, row-major):
+     d = |x_a - x_q|^2 (squared) or sqrt(max(|x_a - x_q|^2, eps)),  term = max(d_ap - d_an + margin, 0).
+   out[0] = sum of the terms, out[1] = number of positive terms. With gx (rows x D, zeroed by the
+   caller) the gradient of the sum w.r.t. x is accumulated: for an active term, with
+   c_q = 2 (squared) or 1 / d_aq (0 where |x_a - x_q|^2 < eps, the clamp's zero gradient),
+     gx_a += c_p (x_a - x_p) - c_n (x_a - x_n),  gx_p -= c_p (x_a - x_p),  gx_n += c_n (x_a - x_n).
+   a == NULL means a = 0 .. count-1. Sequential: no two triplets race on a row. */
+void dm_triplet_terms(const float* x, int64_t dim, const int64_t* a, const int64_t* p, const int64_t* n,
+                      int64_t count, float margin, int64_t squared, float eps, float* gx, double* out) {
+    double total = 0.0;
+    int64_t active = 0;
+    for (int64_t t = 0; t < count; t++) {
+        const int64_t ia = a ? a[t] : t, ip = p[t], in = n[t];
+        const float* xa = x + ia * dim;
+        const float* xp = x + ip * dim;
+        const float* xn = x + in * dim;
+        const float sp = sq_diff(xa, xp, dim), sn = sq_diff(xa, xn, dim);
+        const float dp = squared ? sp : sqrtf(sp > eps ? sp : eps);
+        const float dn = squared ? sn : sqrtf(sn > eps ? sn : eps);
+        const float term = dp - dn + margin;
+        if (!(term > 0.0f)) continue;
+        total += term;
+        active++;
+        if (!gx) continue;
+        const float cp = squared ? 2.0f : (sp >= eps ? 1.0f / dp : 0.0f);
+        const float cn = squared ? 2.0f : (sn >= eps ? 1.0f / dn : 0.0f);
+        float* ga = gx + ia * dim;
+        float* gp = gx + ip * dim;
+        float* gn = gx + in * dim;
+        for (int64_t k = 0; k < dim; k++) {
+            const float up = cp * (xa[k] - xp[k]), un = cn * (xa[k] - xn[k]);
+            ga[k] += up - un;
+            gp[k] -= up;
+            gn[k] += un;
+        }
+    }
+    out[0] = total;
+    out[1] = (double)active;
+}

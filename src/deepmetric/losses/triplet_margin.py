@@ -53,6 +53,32 @@ def triplet_margin_loss_explicit(
     return reduce_terms(terms.sum(), count_all, (terms > 0).sum(), reduction)
 
 
+def _native_triplet_terms(x, y, a, p, n, margin, soft_margin, squared, want_grad, rows_in_order):
+    """:class:`_PairedTriplets`' value, count and gradient in one C loop over the triplets
+    (``dm_triplet_terms`` in ``deepmetric/_native/rows_select.c``: the same formulas, O(T·D) work,
+    no (T, D) temporaries), or ``None`` where it does not apply: float32 on CPU, one embedding set
+    (``y is None``), hinge (not soft margin), and the kernel available."""
+    if y is not None or soft_margin or x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    from deepmetric.miners.hard import _native_rows_lib
+
+    lib = _native_rows_lib()
+    if lib is None:
+        return None
+    xc = x.detach().contiguous()
+    idx = [t.to(torch.int64).contiguous() for t in (a, p, n)]
+    gx = torch.zeros_like(xc) if want_grad else None
+    out = torch.zeros(2, dtype=torch.float64)
+    lib.dm_triplet_terms(
+        xc.data_ptr(), xc.shape[1], None if rows_in_order else idx[0].data_ptr(), idx[1].data_ptr(),
+        idx[2].data_ptr(), idx[1].numel(), float(margin), int(bool(squared)), _EPS,
+        None if gx is None else gx.data_ptr(), out.data_ptr(),
+    )
+    total = out[0].to(x.dtype)
+    count = out[1].round().to(torch.int64)
+    return total, count, gx
+
+
 class _PairedTriplets(torch.autograd.Function):
     """Terms of few explicit triplets from the gathered embeddings (``‖x_a − y_p‖``, ``‖x_a − y_n‖``):
     value, non-zero count and the gradient in one pass (instead of autograd through a dozen
@@ -64,6 +90,13 @@ class _PairedTriplets(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, a, p, n, margin, soft_margin, squared, want_grad, rows_in_order=False):  # type: ignore[override]
+        native = _native_triplet_terms(x, y, a, p, n, margin, soft_margin, squared, want_grad, rows_in_order)
+        if native is not None:
+            total, count, gx = native
+            ctx.mark_non_differentiable(count)
+            if want_grad:
+                ctx.save_for_backward(gx, None)
+            return total, count
         ref = x if y is None else y
         scratch = Scratch("_PairedTriplets")  # work buffers (a fresh (T, D) buffer costs page faults)
         t, dim = a.numel(), x.shape[1]

@@ -37,7 +37,7 @@ def _batch_hard_blocked(ops: Operands, labels: Tensor, ref_labels: Tensor, same_
 
 
 def _native_rows_lib():
-    """The C row scan of :func:`batch_hard_rows` (``deepmetric/_native/rows_select.c``), or ``None``."""
+    """The C kernels of ``deepmetric/_native/rows_select.c`` (batch-hard row scan, triplet terms), or ``None``."""
     import ctypes
 
     from deepmetric._native import load
@@ -47,6 +47,8 @@ def _native_rows_lib():
         p, i = ctypes.c_void_p, ctypes.c_int64
         lib.dm_batch_hard.argtypes = [p, i, i, i, i, p, p, i, i, p, p, p]
         lib.dm_batch_hard.restype = ctypes.c_int
+        lib.dm_triplet_terms.argtypes = [p, i, p, p, p, i, ctypes.c_float, i, ctypes.c_float, p, p]
+        lib.dm_triplet_terms.restype = None
         lib._deepmetric_typed = True
     return lib
 
