@@ -74,6 +74,7 @@ def grad_worker(rank: int, world: int, port: int, case: str, bounds: list[tuple[
         value.backward()
         average_gradients(list(loss.parameters()))
         torch.save(grads_of(model, loss) | {"value": value.detach()}, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while its peer is still talking to it
     finally:
         dist.destroy_process_group()
 

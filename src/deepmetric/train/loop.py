@@ -330,15 +330,20 @@ def fit(
     device = resolve_device(config.train.device)
     dist_info = D.init_from_env(device.type)
     owns_group = dist_info is not None
+    finished = False
     try:
         if dist_info is not None and device.type == "cuda":
             device = torch.device("cuda", dist_info.local_rank)
             torch.cuda.set_device(device)
-        return _fit(config, Path(out_dir), device, resume, progress, log)
+        result = _fit(config, Path(out_dir), device, resume, progress, log)
+        finished = True
+        return result
     finally:
         if owns_group and D.is_distributed():
             import torch.distributed as dist
 
+            if finished:  # every rank got here: meet before tearing the group down (not after an error,
+                dist.barrier()  # where a peer may be gone and the barrier would only wait for the timeout)
             dist.destroy_process_group()
 
 
