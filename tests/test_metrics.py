@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference.native import requires_cc
 from reference.ref_metrics import ref_expected_mutual_information, ref_knn, ref_retrieval
 from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
 
@@ -28,7 +29,7 @@ def clustered(n: int, classes: int, dim: int = 8, spread: float = 1.3, seed: int
 
 
 # ----------------------------------------------------------------------------------------- k-NN
-BACKENDS = ["native", "faiss"]
+BACKENDS = [pytest.param("native", marks=requires_cc), "faiss"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -74,6 +75,7 @@ def test_knn_ties_broken_by_index_and_duplicates_kept(backend: str) -> None:
     assert i[3].tolist() == [0, 1, 2, 4, 5]
 
 
+@requires_cc
 @pytest.mark.parametrize("loo", [True, False])
 def test_native_knn_across_tiles_threads_and_buffer_cuts(loo: bool) -> None:
     """Several 128-row tiles on 2 workers, 3 gallery chunks of 2048 columns and k large enough that
@@ -101,6 +103,7 @@ def test_native_knn_across_tiles_threads_and_buffer_cuts(loo: bool) -> None:
     np.testing.assert_array_equal(i_f, ri)
 
 
+@requires_cc
 def test_native_knn_random_data_agrees_with_float64_brute_force() -> None:
     """Continuous data, several chunks: every returned neighbour is among the true k nearest up to
     float32 rounding of the score (|difference| of the k-th distance below 1e-4 relative)."""
@@ -118,6 +121,7 @@ def test_native_knn_random_data_agrees_with_float64_brute_force() -> None:
     assert (np.diff(d, axis=1) >= 0).all() and not (i == np.arange(len(x))[:, None]).any()
 
 
+@requires_cc
 def test_native_knn_from_concurrent_threads() -> None:
     """Searches started from several threads at once (each with its own worker pool, tiles and key
     buffers) give the answer of a lone search, and torch's thread count is 2 again afterwards (each
@@ -138,6 +142,7 @@ def test_native_knn_from_concurrent_threads() -> None:
         np.testing.assert_array_equal(got, expected)
 
 
+@requires_cc
 def test_knn_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     from deepmetric.metrics.knn import resolve_backend
 
@@ -156,6 +161,7 @@ def test_knn_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     np.testing.assert_array_equal(knn(x, k=3)[1], ref_knn(x, None, 3, "euclidean")[1])
 
 
+@requires_cc
 def test_native_loader_without_compiler_warns_once_and_falls_back(
     monkeypatch: pytest.MonkeyPatch, tmp_path
 ) -> None:

@@ -22,6 +22,7 @@ from deepmetric.miners import _blocks
 from deepmetric.miners._common import masks, random_cap
 from deepmetric.miners.distance_weighted import distance_weighted_probabilities
 from reference.memory import LargestTensor
+from reference.native import requires_cc
 from reference import ref_losses_core as ref
 from reference.ref_losses_rank import ref_margin
 
@@ -607,6 +608,7 @@ def test_trainer_passes_the_miner_to_a_fusing_loss(monkeypatch):
     torch.testing.assert_close(out, expected)
 
 
+@requires_cc
 @pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean"])
 @pytest.mark.parametrize("explicit", [False, True])
 def test_native_triplet_terms_match_the_torch_path(
