@@ -144,9 +144,9 @@ def test_hard_native_kernel_matches_reference_and_torch_path(
     distances; the block's scores, ``‖y‖² − 2·x·y`` with ``‖y‖²`` from a norm, are equal only up
     to rounding): the torch path's triplets (DEEPMETRIC_NATIVE=0), which reads the same block values,
     so the first-of-ties rule (lowest column) is compared on real ties."""
-    from deepmetric.miners.hard import _native_rows_lib
+    from deepmetric._native import load
 
-    assert _native_rows_lib() is not None  # a C compiler is here (requires_cc): the kernel is what is tested
+    assert load("rows_select") is not None  # a C compiler is here (requires_cc): the kernel is what is tested
     g = torch.Generator().manual_seed(5)
 
     def points(n: int) -> torch.Tensor:

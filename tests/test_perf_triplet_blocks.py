@@ -620,9 +620,9 @@ def test_native_triplet_terms_match_the_torch_path(
     anchors, positives and negatives (rows hit many times), D = 21 (vector and scalar tail), and
     a pair closer than the clamp (squared distance below 1e-12: zero gradient for the euclidean
     distance)."""
-    from deepmetric.miners.hard import _native_rows_lib
+    from deepmetric._native import load
 
-    assert _native_rows_lib() is not None
+    assert load("rows_select") is not None
     g = torch.Generator().manual_seed(11)
     x0 = torch.randn(40, 21, generator=g)
     x0[4], x0[5] = 0.0, 1e-8  # |x_4 - x_5|^2 = 2.1e-15 < eps: the clamp zeroes this pair's gradient

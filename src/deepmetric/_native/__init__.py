@@ -29,6 +29,18 @@ from pathlib import Path
 __all__ = ["load", "cache_dir", "NativeUnavailable"]
 
 _FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared")
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+# every kernel's exported functions: (argument types, result type), set once when the library loads
+_SIGNATURES: dict[str, dict[str, tuple[list, object]]] = {
+    "knn_select": {
+        "dm_scan": ([_P, _I, _I, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P], None),
+        "dm_finish": ([_I, _I, _I, _I, _P, _P, _P, _P], None),
+    },
+    "rows_select": {
+        "dm_batch_hard": ([_P, _I, _I, _I, _I, _P, _P, _I, _I, _P, _P, _P], ctypes.c_int),
+        "dm_triplet_terms": ([_P, _I, _P, _P, _P, _I, _F, _I, _F, _P, _P], None),
+    },
+}
 _SOURCES = Path(__file__).resolve().parent
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
@@ -88,7 +100,8 @@ def _build(name: str) -> Path:
 
 
 def load(name: str) -> ctypes.CDLL | None:
-    """The compiled kernel library ``name`` (``<name>.c`` in this package), or ``None`` if unavailable.
+    """The compiled kernel library ``name`` (``<name>.c`` in this package, its functions typed), or
+    ``None`` if unavailable.
 
     Builds it on the first call (cached on disk and in this process). ``DEEPMETRIC_NATIVE=0`` turns
     native kernels off. A failure is warned once per process and then remembered."""
@@ -99,6 +112,9 @@ def load(name: str) -> ctypes.CDLL | None:
             return _loaded[name]
         try:
             lib: ctypes.CDLL | None = ctypes.CDLL(str(_build(name)))
+            for func, (argtypes, restype) in _SIGNATURES.get(name, {}).items():
+                getattr(lib, func).argtypes = argtypes
+                getattr(lib, func).restype = restype
         except (NativeUnavailable, OSError) as exc:
             lib = None
             if name not in _warned:

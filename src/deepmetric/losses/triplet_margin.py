@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deepmetric._native import load
 from deepmetric.errors import DataError
 from deepmetric.losses._pairs import (
     check_distance,
@@ -60,9 +61,7 @@ def _native_triplet_terms(x, y, a, p, n, margin, soft_margin, squared, want_grad
     (``y is None``), hinge (not soft margin), and the kernel available."""
     if y is not None or soft_margin or x.dtype != torch.float32 or x.device.type != "cpu":
         return None
-    from deepmetric.miners.hard import _native_rows_lib
-
-    lib = _native_rows_lib()
+    lib = load("rows_select")
     if lib is None:
         return None
     xc = x.detach().contiguous()

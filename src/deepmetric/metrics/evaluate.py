@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from deepmetric.errors import ConfigError, DataError
+from deepmetric.errors import DataError
 from deepmetric.metrics._inputs import (
     as_embeddings,
     as_labels,
@@ -17,7 +17,7 @@ from deepmetric.metrics._inputs import (
     normalize_rows,
 )
 from deepmetric.metrics.clustering import kmeans_assign, nmi_ami
-from deepmetric.metrics.knn import BACKENDS, default_block_size, faiss_threads, iter_knn_blocks
+from deepmetric.metrics.knn import check_backend, default_block_size, faiss_threads, iter_knn_blocks
 from deepmetric.metrics.retrieval import RetrievalAccumulator
 
 __all__ = ["evaluate"]
@@ -90,8 +90,7 @@ def evaluate(
         (0.8, 0.0)
     """
     check_metric(metric)
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown k-NN backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_backend(backend)
     ks = check_ks(ks)
     threads = check_num_threads(num_threads)
     q = as_embeddings(query, "query")

@@ -23,7 +23,6 @@ Memory is ``O(N·k)`` either way.
 """
 from __future__ import annotations
 
-import ctypes
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from deepmetric._native import load
 from deepmetric.errors import ConfigError, DataError
 from deepmetric.metrics._inputs import (
     as_embeddings,
@@ -40,7 +40,7 @@ from deepmetric.metrics._inputs import (
     normalize_rows,
 )
 
-__all__ = ["knn", "faiss_threads", "iter_knn_blocks", "default_block_size", "BACKENDS"]
+__all__ = ["knn", "faiss_threads", "iter_knn_blocks", "default_block_size", "BACKENDS", "check_backend"]
 
 BACKENDS = ("auto", "native", "faiss")
 _TILE_ROWS = 128  # a worker's score tile: 128 x 2048 float32 = 1 MB, stays in L2 between GEMM and scan
@@ -83,27 +83,18 @@ def _sort_rows(dist: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return dist, idx
 
 
-def _native_lib() -> ctypes.CDLL | None:
-    from deepmetric._native import load
-
-    lib = load("knn_select")
-    if lib is not None and not hasattr(lib, "_deepmetric_typed"):
-        p, i = ctypes.c_void_p, ctypes.c_int64
-        lib.dm_scan.argtypes = [p, i, i, i, p, i, i, i, i, p, p, p, p]
-        lib.dm_scan.restype = None
-        lib.dm_finish.argtypes = [i, i, i, i, p, p, p, p]
-        lib.dm_finish.restype = None
-        lib._deepmetric_typed = True
-    return lib
+def check_backend(backend: str) -> None:
+    """Raise :class:`ConfigError` unless ``backend`` is one of :data:`BACKENDS`."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown k-NN backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def resolve_backend(backend: str, gallery_size: int) -> str:
     """The backend ``"auto"`` stands for here (``"native"`` when its kernel loads), or ``backend`` checked."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown k-NN backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_backend(backend)
     if backend == "faiss":
         return "faiss"
-    usable = gallery_size <= _MAX_NATIVE_GALLERY and _native_lib() is not None
+    usable = gallery_size <= _MAX_NATIVE_GALLERY and load("knn_select") is not None
     if backend == "native" and not usable:
         raise ConfigError(
             "the native k-NN kernel is unavailable (no working C compiler, DEEPMETRIC_NATIVE=0, "
@@ -126,7 +117,7 @@ def _native_search(
     own 1 MB score tile and key buffer, and call torch's GEMM single-threaded (torch's thread count
     is set to 1 for the duration and restored; concurrent searches from several threads run one
     after the other)."""
-    lib = _native_lib()
+    lib = load("knn_select")
     assert lib is not None
     nq, m = queries.shape[0], gallery.shape[0]
     q = torch.from_numpy(queries)
@@ -230,20 +221,16 @@ def iter_knn_blocks(
             if native:  # self excluded inside the scan: k neighbours straight away
                 score, idx = _native_search(qb, g_t, half, k, None if not loo else self_ids[start:stop], threads)
                 if metric == "euclidean":  # |q - g|^2 = |q|^2 - 2 (q.g - |g|^2 / 2)
-                    dist = np.einsum("ij,ij->i", qb, qb)[:, None] - 2.0 * score
+                    dist = (np.einsum("ij,ij->i", qb, qb)[:, None] - 2.0 * score).astype(np.float32, copy=False)
                 else:
                     dist = 1.0 - score
-                np.maximum(dist, 0.0, out=dist)
-                dist, idx = _sort_rows(dist.astype(np.float32, copy=False), idx)
-                bar.update(stop - start)
-                yield start, stop, dist, idx
-                continue
-            dist, idx = faiss.knn(qb, gallery, search_k, metric=faiss_metric)
-            if metric == "cosine":
-                dist = 1.0 - dist
+            else:
+                dist, idx = faiss.knn(qb, gallery, search_k, metric=faiss_metric)
+                if metric == "cosine":
+                    dist = 1.0 - dist
             np.maximum(dist, 0.0, out=dist)
             dist, idx = _sort_rows(dist, idx)
-            if loo:
+            if loo and not native:
                 is_self = idx == self_ids[start:stop, None]
                 is_self[~is_self.any(axis=1), -1] = True  # self pushed out by duplicates: drop the last
                 keep = ~is_self

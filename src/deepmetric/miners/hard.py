@@ -6,6 +6,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from deepmetric._native import load
 from deepmetric.distances import get_distance
 from deepmetric.miners._blocks import FAST_DISTANCES, LabelGroups, Operands, dense_labels, supported
 from deepmetric.miners._common import masks, prepare
@@ -36,21 +37,13 @@ def _batch_hard_blocked(ops: Operands, labels: Tensor, ref_labels: Tensor, same_
     return a, p, n
 
 
-def _native_rows_lib():
-    """The C kernels of ``deepmetric/_native/rows_select.c`` (batch-hard row scan, triplet terms), or ``None``."""
-    import ctypes
-
-    from deepmetric._native import load
-
-    lib = load("rows_select")
-    if lib is not None and not hasattr(lib, "_deepmetric_typed"):
-        p, i = ctypes.c_void_p, ctypes.c_int64
-        lib.dm_batch_hard.argtypes = [p, i, i, i, i, p, p, i, i, p, p, p]
-        lib.dm_batch_hard.restype = ctypes.c_int
-        lib.dm_triplet_terms.argtypes = [p, i, p, p, p, i, ctypes.c_float, i, ctypes.c_float, p, p]
-        lib.dm_triplet_terms.restype = None
-        lib._deepmetric_typed = True
-    return lib
+def _rows_result(ok: Tensor, p: Tensor, n: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """The triplets of the anchor rows with ``ok`` (a positive and a negative), and whether that is
+    every row (``a`` is then ``0 … B−1``)."""
+    if bool(ok.all()):
+        return torch.arange(ok.numel(), device=ok.device), p, n, True
+    a = ok.nonzero(as_tuple=True)[0]
+    return a, p[a], n[a], False
 
 
 def _batch_hard_rows_native(
@@ -61,7 +54,7 @@ def _batch_hard_rows_native(
     cells of the block with +inf (the block is scratch, not read again)."""
     row_lab, col_lab = dense_labels(labels, None if same_set else ref_labels)
     row_lab, col_lab = row_lab.contiguous(), col_lab.contiguous()
-    nclass = int(max(int(row_lab.max()), int(col_lab.max()))) + 1 if ops.rows and ops.cols else 1
+    nclass = max(int(row_lab.max()), int(col_lab.max())) + 1 if ops.rows and ops.cols else 1
     p = torch.empty(ops.rows, dtype=torch.long)
     n = torch.empty(ops.rows, dtype=torch.long)
     ok = torch.empty(ops.rows, dtype=torch.uint8)
@@ -74,11 +67,7 @@ def _batch_hard_rows_native(
         )
         if status != 0:
             raise MemoryError("batch-hard mining: could not allocate the label lists")
-    good = ok.bool()
-    if bool(good.all()):
-        return torch.arange(ops.rows), p, n, True
-    a = good.nonzero(as_tuple=True)[0]
-    return a, p[a], n[a], False
+    return _rows_result(ok.bool(), p, n)
 
 
 def batch_hard_rows(
@@ -88,7 +77,7 @@ def batch_hard_rows(
     ``0 … B−1``). On CPU float32 the per-row search runs in a small C kernel where one builds
     (:mod:`deepmetric._native`; ``DEEPMETRIC_NATIVE=0`` turns it off), else in torch."""
     if ops.x.device.type == "cpu" and ops.x.dtype == torch.float32 and ops.cols < 2**31:
-        lib = _native_rows_lib()
+        lib = load("rows_select")
         if lib is not None:
             return _batch_hard_rows_native(lib, ops, labels, ref_labels, same_set)
     groups = LabelGroups(labels, ref_labels, same_set)
@@ -101,11 +90,7 @@ def batch_hard_rows(
             s_ap = s.gather(1, pidx[start:end]).masked_fill_(~pvalid[start:end], float("-inf"))
             p[start:end] = pidx[start:end].gather(1, s_ap.argmax(1, keepdim=True)).squeeze(1)  # first of ties
         n[start:end] = groups.push(s, start, end).argmin(1)  # in place: s is not used afterwards
-    ok = pvalid.any(1) & groups.has_negatives()
-    if bool(ok.all()):
-        return torch.arange(ops.rows, device=device), p, n, True
-    a = ok.nonzero(as_tuple=True)[0]
-    return a, p[a], n[a], False
+    return _rows_result(pvalid.any(1) & groups.has_negatives(), p, n)
 
 
 @MINERS.register("hard")
