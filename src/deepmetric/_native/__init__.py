@@ -28,7 +28,7 @@ from pathlib import Path
 
 __all__ = ["load", "cache_dir", "NativeUnavailable"]
 
-_FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared")
+_FLAGS = ("-O3", "-std=gnu11", "-fno-math-errno", "-fPIC", "-shared")
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 # every kernel's exported functions: (argument types, result type), set once when the library loads
 _SIGNATURES: dict[str, dict[str, tuple[list, object]]] = {
@@ -39,6 +39,14 @@ _SIGNATURES: dict[str, dict[str, tuple[list, object]]] = {
     "rows_select": {
         "dm_batch_hard": ([_P, _I, _I, _I, _I, _P, _P, _I, _I, _P, _P, _P], ctypes.c_int),
         "dm_triplet_terms": ([_P, _I, _P, _P, _P, _I, _F, _I, _F, _P, _P], None),
+    },
+    "pair_rows": {
+        "dm_pair_finalize": ([_P, _I, _I, _P, _P, _P, _P, _I, _I], None),
+        "dm_pair_list_grad": ([_P, _P, _P, _I, _P, _I, _I, _P, _F], None),
+        "dm_supcon_rows": ([_P, _I, _I, _P, _F, _P, _P, _P], None),
+        "dm_supcon_upper": ([_P, _I, _I, _P, _F, _P, _P, _P], None),
+        "dm_ranked_list_rows": ([_P, _I, _I, _P, _F, _F, _F, _F, _P, _P, _P], None),
+        "dm_contrastive_rows": ([_P, _I, _I, _P, _P, _F, _F, _I, _I, _P, _P, _P, _I, _P], None),
     },
 }
 _SOURCES = Path(__file__).resolve().parent

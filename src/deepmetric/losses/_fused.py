@@ -117,10 +117,15 @@ def label_groups(labels: Tensor) -> Optional[LabelGroups]:
 # --------------------------------------------------------------------------------- fused function
 class SimGrad(NamedTuple):
     """``∂L/∂S = row · matrix`` (``row`` a constant, folded into the output scale of the backward;
-    per-row factors are applied to ``matrix`` by the kernels)."""
+    per-row factors are applied to ``matrix`` by the kernels).
+
+    ``symmetric``: the batch against itself, and ``matrix`` already holds ``G + Gᵀ`` (both sides of
+    ``S = x̂ x̂ᵀ`` at once), so the backward is the single product ``matrix · x̂``. Only valid when the
+    columns carry gradient (``col_grad``)."""
 
     matrix: Tensor
     row: float = 1.0
+    symmetric: bool = False
 
 
 Kernel = Callable[[Tensor, Tensor, bool, bool], tuple[Tensor, Optional[SimGrad]]]
@@ -158,7 +163,9 @@ class FusedSimilarityLoss(torch.autograd.Function):
         if grad is not None:
             # the (B, R) gradient goes through save_for_backward too: freed after the backward
             # (unless retain_graph), and a second backward sees the same tensors
-            ctx.row = grad.row
+            if grad.symmetric and not (y is None and col_grad):
+                raise RuntimeError("a symmetric SimGrad needs the batch against itself with col_grad")
+            ctx.row, ctx.symmetric = grad.row, grad.symmetric
             ctx.save_for_backward(xn, x_den, x_pass, yn, y_den, y_pass, grad.matrix)
         return value
 
@@ -172,7 +179,7 @@ class FusedSimilarityLoss(torch.autograd.Function):
         # ∂L/∂x̂ = G ŷ, ∂L/∂ŷ = Gᵀ x̂ (the same set: both go to x, accumulated by the second matmul)
         gx = h @ yn
         gy = None
-        if cols:
+        if cols and not ctx.symmetric:
             if ctx.same:
                 gx.addmm_(h.T, xn)
             else:

@@ -22,6 +22,7 @@ from deepmetric.losses._pairs import (
     reduce_terms,
     resolve_masks,
 )
+from deepmetric.losses._native_rows import finalize, int32_labels, pair_rows_lib
 from deepmetric.registry import LOSSES
 from deepmetric.tuples import Indices, check_inputs, zero_loss
 
@@ -301,6 +302,74 @@ class _ContrastiveKernel(PairKernel):
         return value, -mult * (2.0 if self.squared else 1.0) / denom, None
 
 
+#: The native path lists the pairs with a gradient while there are at most this fraction of all
+#: pairs, and then its backward works from the list (no mirrored matrix, no matrix product).
+_NATIVE_SPARSE = 1 / 32
+
+
+class _NativeContrastive(torch.autograd.Function):
+    """All label pairs of a batch against itself in C, euclidean or squared euclidean:
+    ``dm_contrastive_rows`` computes the distances, the terms and ``c_ij = (∂term/∂d)/d`` over the
+    upper triangle of ``X Xᵀ`` in place (each unordered pair standing for both orders). Backward:
+    ``∂L/∂x_i = Σ_j 2c_ij (x_i − x_j) / denominator``, from the list of the few non-zero ``c_ij``
+    the kernel wrote (``dm_pair_list_grad``) or, when many are non-zero, as one GEMM ``W X`` with ``W`` the mirrored
+    matrix and ``W_ii = −Σ_j W_ij`` (``dm_pair_finalize``). A batch without positive pairs gives 0 and
+    a zero gradient, as the blocked path."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, lab: Tensor, lib, margin: float, pos_margin: float, squared: bool, kind: str,  # type: ignore[override]
+                reduction: str) -> Tensor:
+        xd = x.detach().contiguous()
+        batch, half = xd.shape[0], xd.shape[0] // 2
+        # the kernel reads the upper triangle only: the lower-left quarter is not computed
+        gram = xd.new_empty(batch, batch)
+        torch.mm(xd[:half], xd.T, out=gram[:half])
+        torch.mm(xd[half:], xd[half:].T, out=gram[half:, half:])
+        sq = gram.diagonal().clone()
+        stats = torch.zeros(4, dtype=torch.float64)
+        need = bool(ctx.needs_input_grad[0])
+        cap = int(_NATIVE_SPARSE * batch * (batch - 1) / 2) if need else 0
+        li, lj = torch.empty(cap, dtype=torch.int32), torch.empty(cap, dtype=torch.int32)
+        lc = torch.empty(cap)
+        lib.dm_contrastive_rows(
+            gram.data_ptr(), batch, gram.stride(0), sq.data_ptr(), lab.data_ptr(), margin, pos_margin,
+            int(squared), 0 if kind == "euclidean" else 1, li.data_ptr(), lj.data_ptr(), lc.data_ptr() if need else None,
+            cap, stats.data_ptr(),
+        )
+        total, nonzero, positives, grads = (float(v) for v in stats)
+        if reduction == "sum":
+            denom = 1.0
+        elif reduction == "mean":
+            denom = float(max(batch * (batch - 1), 1))
+        else:
+            denom = max(nonzero, 1.0)
+        ctx.scale = 0.0 if positives == 0 else 1.0 / denom
+        ctx.lib, ctx.count = lib, int(grads)
+        if not (need and ctx.scale and grads):
+            ctx.save_for_backward(xd, None, None, None, None)
+        elif grads <= cap:  # the list holds every pair with a gradient
+            ctx.save_for_backward(xd, None, li[: ctx.count], lj[: ctx.count], lc[: ctx.count])
+        else:
+            ctx.save_for_backward(xd, finalize(lib, gram, lab, None, None, None, upper=True, diag_rows=True),
+                                  None, None, None)
+        return torch.tensor(total * ctx.scale, dtype=x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        xd, weights, li, lj, lc = ctx.saved_tensors
+        scale = float(grad_out) * ctx.scale
+        if weights is not None:
+            gx = torch.mm(weights, xd).mul_(-scale)
+        elif lc is not None:
+            gx = torch.empty_like(xd)
+            ctx.lib.dm_pair_list_grad(li.data_ptr(), lj.data_ptr(), lc.data_ptr(), ctx.count, xd.data_ptr(),
+                                      xd.shape[0], xd.shape[1], gx.data_ptr(), scale)
+        else:
+            gx = torch.zeros_like(xd)
+        return gx, None, None, None, None, None, None, None
+
+
 def contrastive_loss(
     embeddings: Tensor,
     labels: Tensor,
@@ -324,6 +393,13 @@ def contrastive_loss(
     same_set = ref_embeddings is None
     ref, ref_lab = check_inputs(embeddings, labels, ref_embeddings, ref_labels)
     batch, ref_size = embeddings.shape[0], ref.shape[0]
+    lib = (
+        pair_rows_lib(embeddings) if same_set and indices is None and distance != "cosine" else None
+    )
+    if lib is not None:
+        return _NativeContrastive.apply(
+            embeddings, int32_labels(labels), lib, float(margin), float(pos_margin), bool(squared), distance, reduction
+        )
     common = dict(
         margin=float(margin), pos_margin=float(pos_margin), squared=bool(squared), reduction=reduction, kind=distance
     )

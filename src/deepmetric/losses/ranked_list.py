@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from deepmetric.errors import ConfigError
 from deepmetric.registry import LOSSES
 from deepmetric.losses._fused import LOG2E, LabelGroups, SimGrad, exp_limits, fused_similarity_loss, label_groups
+from deepmetric.losses._native_rows import finalize, int32_labels, pair_rows_lib
 from deepmetric.losses._pairs import self_free_pair_masks as _pair_masks
 from deepmetric.tuples import Indices, check_inputs, zero_loss
 
@@ -60,6 +61,9 @@ def _ranked_list_loss(
     same_set = ref_embeddings is None
     ref = embeddings if same_set else ref_embeddings
     params = (alpha, margin, temperature, negative_weight)
+    lib = pair_rows_lib(embeddings) if same_set and indices is None and not query_only_gradient else None
+    if lib is not None:
+        return fused_similarity_loss(embeddings, None, _native_kernel(lib, int32_labels(labels), *params), True, finite_check)
     groups = label_groups(labels) if same_set and indices is None else None
     if groups is None and finite_check is not None:
         finite_check()  # masks may raise too: keep the checks in their usual order
@@ -145,6 +149,34 @@ def _sparse_negatives(
             grad = torch.where(d > clamped, w * coef[r] / d, zero)  # a clamped distance passes no gradient
             d2.view(-1).index_copy_(0, flat, grad)
     return True
+
+
+def _native_kernel(lib, lab: Tensor, alpha: float, margin: float, temperature: float, negative_weight: float):
+    """Same set, label positives, in C: ``dm_ranked_list_rows`` (distances, weights and the loss over
+    the rows of ``S`` in place, with the per-row factors of the gradient), then ``dm_pair_finalize``
+    (the gradient of both sides, ``G + Gᵀ``). Rows that are not unit vectors (a zero embedding) take
+    the torch kernel, which handles ``d² = |x̂_i|² + |x̂_j|² − 2S``."""
+    fallback = None
+
+    def kernel(unit: Tensor, ref: Tensor, need_grad: bool, all_unit: bool) -> tuple[Tensor, SimGrad | None]:
+        nonlocal fallback
+        if not all_unit:
+            if fallback is None:
+                fallback = _masked_kernel(*_pair_masks(lab, None, None, lab.shape[0], lab.shape[0]),
+                                          alpha, margin, temperature, negative_weight)
+            return fallback(unit, ref, need_grad, all_unit)
+        sim = unit @ unit.T
+        batch = sim.shape[0]
+        fp, fn = torch.empty(batch), torch.empty(batch)
+        stats = torch.zeros(1, dtype=torch.float64)
+        lib.dm_ranked_list_rows(sim.data_ptr(), batch, sim.stride(0), lab.data_ptr(), alpha, margin, temperature,
+                                negative_weight, fp.data_ptr(), fn.data_ptr(), stats.data_ptr())
+        value = torch.tensor(float(stats[0]) / batch, dtype=unit.dtype)
+        if not need_grad:
+            return value, None
+        return value, SimGrad(finalize(lib, sim, lab, fp, fn, None), 1.0 / batch, symmetric=True)
+
+    return kernel
 
 
 def _label_kernel(groups: LabelGroups, alpha: float, margin: float, temperature: float, negative_weight: float):

@@ -17,6 +17,7 @@ from deepmetric.losses._fused import (
     fused_similarity_loss,
     label_groups,
 )
+from deepmetric.losses._native_rows import finalize, int32_labels, pair_rows_lib
 from deepmetric.losses._pairs import self_free_pair_masks as _pair_masks
 from deepmetric.tuples import Indices, check_inputs, zero_loss
 
@@ -56,6 +57,9 @@ def _sup_con_loss(
     same_set = ref_embeddings is None
     ref = embeddings if same_set else ref_embeddings
     inv_t = 1.0 / temperature
+    lib = pair_rows_lib(embeddings) if same_set and indices is None else None
+    if lib is not None:
+        return fused_similarity_loss(embeddings, None, _native_kernel(lib, int32_labels(labels), inv_t), True, finite_check)
     groups = label_groups(labels) if same_set and indices is None else None
     if groups is None and finite_check is not None:
         finite_check()  # masks may raise too: keep the checks in their usual order
@@ -75,6 +79,40 @@ def _sup_con_loss(
         return zero_loss(embeddings, ref)  # type: ignore[arg-type]
     kernel = _masked_kernel(pos, neg, num_pos, has_pos, inv_t)
     return fused_similarity_loss(embeddings, None if same_set else ref, kernel)
+
+
+def _native_kernel(lib, lab: Tensor, inv_t: float):
+    """Same set, label positives, in C, then ``dm_pair_finalize`` (the gradient of both sides,
+    ``G + Gᵀ``). For ``τ >= 1/40`` the exponentials are shifted by the fixed bound 1 of a cosine, so
+    they are symmetric: ``dm_supcon_upper`` computes each pair's once, on the upper triangle (of
+    which alone the similarity is computed); else ``dm_supcon_rows`` shifts each row by its maximum.
+    A batch without positives gives 0 and a zero gradient."""
+
+    def kernel(unit: Tensor, _ref: Tensor, need_grad: bool, _all_unit: bool) -> tuple[Tensor, SimGrad | None]:
+        batch = unit.shape[0]
+        factor, cpos = torch.empty(batch), torch.empty(batch)
+        stats = torch.zeros(3, dtype=torch.float64)
+        upper = 2.0 * inv_t <= 80.0
+        if upper:
+            sim, half = unit.new_empty(batch, batch), batch // 2
+            torch.mm(unit[:half], unit.T, out=sim[:half])  # the upper triangle: no lower-left quarter
+            torch.mm(unit[half:], unit[half:].T, out=sim[half:, half:])
+            lib.dm_supcon_upper(sim.data_ptr(), batch, sim.stride(0), lab.data_ptr(), inv_t, factor.data_ptr(),
+                                cpos.data_ptr(), stats.data_ptr())
+            if stats[2] < 0:
+                raise MemoryError("SupCon: could not allocate the column sums")
+        else:
+            sim = unit @ unit.T
+            lib.dm_supcon_rows(sim.data_ptr(), batch, sim.stride(0), lab.data_ptr(), inv_t, factor.data_ptr(),
+                               cpos.data_ptr(), stats.data_ptr())
+        count = max(float(stats[1]), 1.0)
+        value = torch.tensor(float(stats[0]) / count, dtype=unit.dtype)
+        if not need_grad:
+            return value, None
+        grad = finalize(lib, sim, lab, factor, factor, cpos, upper=upper)
+        return value, SimGrad(grad, 1.0 / count, symmetric=True)
+
+    return kernel
 
 
 def _label_kernel(groups: LabelGroups, has_pos: Tensor, inv_t: float):

@@ -1,0 +1,570 @@
+/* Kernels of the pair-matrix losses of a batch against itself (deepmetric.losses._native_rows):
+   contrastive, SupCon and ranked list.
+
+   Each loss kernel gets the batch's n x n matrix M = X X^T (row-major, from the caller's GEMM) and
+   the batch's labels as int32 class ids. It adds the loss up and overwrites M with the gradient of
+   the terms with respect to M, up to per-row factors it writes alongside; where the terms are
+   symmetric in (i, j) only the upper triangle is read and written (half the work; the caller then
+   computes only that part of M). dm_pair_finalize turns that into the symmetric gradient of both
+   sides of S = X X^T, W = g + g^T, so the caller's backward is one GEMM (dL/dX = W X) instead of
+   two; dm_pair_list_grad is the backward from a list of the few pairs that have a gradient.
+
+   Single-threaded: on the 2-vCPU machines this was measured on, a second thread gained nothing
+   and slowed down while the BLAS threads spin after their GEMM. Vector code uses portable 4-wide
+   GNU vector types (no -march flag needed); exp is a polynomial (Cephes expf's coefficients,
+   relative error ~2 ulp on [-87, 88]) whose lanes outside a row's set are masked to exactly 0.
+   Inputs must be finite (the callers check). Self pairs (j == i) are never terms. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+typedef float v4f_u __attribute__((vector_size(16), aligned(4)));     /* unaligned access */
+typedef int32_t v4i_u __attribute__((vector_size(16), aligned(4)));
+
+static inline v4f vset(float a) { return (v4f){a, a, a, a}; }
+static inline v4f vload(const float* p) { return *(const v4f_u*)p; }
+static inline void vstore(float* p, v4f v) { *(v4f_u*)p = v; }
+static inline v4i iload(const int32_t* p) { return *(const v4i_u*)p; }
+static inline v4f vsel(v4i mask, v4f a, v4f b) { /* mask lanes -1: a, 0: b */
+    return (v4f)(((v4i)a & mask) | ((v4i)b & ~mask));
+}
+static inline v4f vmax(v4f a, v4f b) { return vsel(a > b, a, b); }
+static inline v4f vmin(v4f a, v4f b) { return vsel(a < b, a, b); }
+static inline v4f vsqrt(v4f x) {
+    return (v4f){sqrtf(x[0]), sqrtf(x[1]), sqrtf(x[2]), sqrtf(x[3])};
+}
+static inline float hsum(v4f v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+static inline float hmax(v4f v) {
+    float a = v[0] > v[1] ? v[0] : v[1], b = v[2] > v[3] ? v[2] : v[3];
+    return a > b ? a : b;
+}
+static inline float hmin(v4f v) {
+    float a = v[0] < v[1] ? v[0] : v[1], b = v[2] < v[3] ? v[2] : v[3];
+    return a < b ? a : b;
+}
+
+/* exp(x), 4 lanes: x = n ln2 + r with n = round(x log2 e) (the 1.5 * 2^23 rounding trick: default
+   rounding mode), e^r by a degree-6 polynomial (Cephes expf's coefficients), times 2^n. Clamped to [-87, 88]. */
+static inline v4f vexp(v4f x) {
+    const v4f magic = vset(12582912.0f);
+    x = vmin(vmax(x, vset(-87.0f)), vset(88.0f));
+    v4f v = x * vset(1.44269504088896341f) + magic;
+    v4f t = v - magic;
+    v4i n = (v4i)v - (v4i)magic;
+    x = x - t * vset(0.693359375f) - t * vset(-2.12194440e-4f);
+    /* 1 + x + x^2 (p5 + p4 x + ... + p0 x^5), the inner polynomial in Estrin's scheme (a shorter
+       dependency chain than Horner's: the loop is latency-bound) */
+    v4f x2 = x * x, x4 = x2 * x2;
+    v4f lo = vset(5.0000001201e-1f) + vset(1.6666665459e-1f) * x;
+    v4f mid = vset(4.1665795894e-2f) + vset(8.3334519073e-3f) * x;
+    v4f hi = vset(1.3981999507e-3f) + vset(1.9875691500e-4f) * x;
+    v4f y = ((lo + x2 * mid) + x4 * hi) * x2 + x + vset(1.0f);
+    return y * (v4f)((n + (v4i){127, 127, 127, 127}) << 23);
+}
+
+/* Lanes of the 4-block at columns j0..j0+3 that are candidate pairs of row i: j != i and j < n. */
+static inline v4i lanes_ok(int64_t j0, int64_t i, int64_t n) {
+    const v4i lane = {0, 1, 2, 3};
+    v4i off = lane + (int32_t)(j0 - i), col = lane + (int32_t)(j0 - n);
+    return (off != (v4i){0, 0, 0, 0}) & (col < (v4i){0, 0, 0, 0});
+}
+
+/* Lanes of the block j0..j0+3 right of the diagonal of row i and inside the row. */
+static inline v4i lanes_upper(int64_t j0, int64_t i, int64_t n) {
+    const v4i lane = {0, 1, 2, 3};
+    v4i off = lane + (int32_t)(j0 - i), col = lane + (int32_t)(j0 - n);
+    return (off > (v4i){0, 0, 0, 0}) & (col < (v4i){0, 0, 0, 0});
+}
+/* Loads and stores of the 4 columns j..j+3 of a row of n: `full` (a constant at each call site once
+   inlined) says they are all inside the row; else the tail block is padded with 0 / label 0 and
+   its lanes >= n are masked by lanes_ok. */
+#define INLINE static inline __attribute__((always_inline))
+INLINE v4f load4(const float* p, int64_t j, int64_t n, int full) {
+    if (full || j + 4 <= n) return vload(p + j);
+    float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    memcpy(t, p + j, (size_t)(n - j) * sizeof(float));
+    return vload(t);
+}
+INLINE v4i iload4(const int32_t* p, int64_t j, int64_t n, int full) {
+    if (full || j + 4 <= n) return iload(p + j);
+    int32_t t[4] = {0, 0, 0, 0};
+    memcpy(t, p + j, (size_t)(n - j) * sizeof(int32_t));
+    return iload(t);
+}
+INLINE void store4(float* p, int64_t j, int64_t n, int full, v4f v) {
+    if (full || j + 4 <= n) {
+        vstore(p + j, v);
+        return;
+    }
+    float t[4];
+    vstore(t, v);
+    memcpy(p + j, t, (size_t)(n - j) * sizeof(float));
+}
+/* The block j..j+3 of row i needs no mask: inside the row and not holding column i. */
+static inline int plain_block(int64_t j, int64_t i, int64_t n) { return j + 4 <= n && (uint64_t)(i - j) >= 4; }
+/* Calls BODY(j, ok, full) for every 4-block of row i: the plain blocks with an all-true mask and
+   full = 1 (the compiler specialises the inlined body), two at a time where it can (two independent
+   dependency chains in one loop body), the rest with lanes_ok. */
+#define FOR_BLOCKS(i, n, BODY)                                                \
+    for (int64_t j_ = 0; j_ < (n);) {                                          \
+        if (plain_block(j_, (i), (n)) && plain_block(j_ + 4, (i), (n))) {     \
+            BODY(j_, ((v4i){-1, -1, -1, -1}), 1);                             \
+            BODY(j_ + 4, ((v4i){-1, -1, -1, -1}), 1);                         \
+            j_ += 8;                                                          \
+        } else {                                                              \
+            if (plain_block(j_, (i), (n))) {                                  \
+                BODY(j_, ((v4i){-1, -1, -1, -1}), 1);                         \
+            } else {                                                          \
+                BODY(j_, lanes_ok(j_, (i), (n)), 0);                          \
+            }                                                                 \
+            j_ += 4;                                                          \
+        }                                                                     \
+    }
+static inline int any4(v4i m) { return (m[0] | m[1] | m[2] | m[3]) != 0; }
+static inline int64_t count4(v4i mask) { return -(int64_t)(mask[0] + mask[1] + mask[2] + mask[3]); }
+
+/* ------------------------------------------------------------------------------- symmetric step */
+/* Turns the row kernels' output q (rows of the ordered-pair gradient up to per-row factors) into the
+   symmetric gradient W = g + g^T, where g_ij = q_ij f_i + [lab_i = lab_j] c_i for j != i, with
+   f_i = fp[i] on same-label columns, fn[i] on the others (NULL: 1), c_i = cpos[i] (NULL: 0):
+     W_ij = W_ji = q_ij f_i + q_ji f_j + [same] (c_i + c_j),  W_ii = 0.
+   With `upper` the row kernel wrote one value per unordered pair, q_ij for i < j (the lower triangle
+   is ignored): W_ij = W_ji = q_ij (f_i + f_j) + [same] (c_i + c_j).
+   With `diag_rows`, W_ii = -sum_{j != i} W_ij instead of 0 (so that W X = sum_j W_ij (x_j - x_i)).
+   In place, in 4 x 4 blocks transposed in registers (a column walk of a 2^k-float-wide matrix would
+   thrash a few cache sets). */
+typedef struct {
+    float* M;
+    int64_t n, ld;
+    const int32_t* lab;
+    const float *fp, *fn, *cpos;
+    int64_t upper, diag_rows;
+} finalize_args;
+/* One pair i < j, scalar (diagonal blocks and the edges of the matrix). */
+static inline void finalize_pair(const finalize_args* a, int64_t i, int64_t j) {
+    float* M = a->M;
+    const int64_t ld = a->ld;
+    const int same = a->lab[j] == a->lab[i];
+    const float fi = a->fp ? (same ? a->fp[i] : a->fn[i]) : 1.0f;
+    const float fj = a->fp ? (same ? a->fp[j] : a->fn[j]) : 1.0f;
+    const float qij = M[i * ld + j];
+    float v = a->upper ? qij * (fi + fj) : qij * fi + M[j * ld + i] * fj;
+    if (same && a->cpos) v += a->cpos[i] + a->cpos[j];
+    M[i * ld + j] = v;
+    M[j * ld + i] = v;
+}
+/* 4 x 4 transpose of rows r[0..3] in place. */
+#if defined(__clang__)
+#define SHUF(x, y, a, b, c, d) __builtin_shufflevector(x, y, a, b, c, d)
+#else
+#define SHUF(x, y, a, b, c, d) __builtin_shuffle(x, y, (v4i){a, b, c, d})
+#endif
+static inline void transpose4(v4f r[4]) {
+    v4f t0 = SHUF(r[0], r[1], 0, 4, 1, 5), t1 = SHUF(r[0], r[1], 2, 6, 3, 7);
+    v4f t2 = SHUF(r[2], r[3], 0, 4, 1, 5), t3 = SHUF(r[2], r[3], 2, 6, 3, 7);
+    r[0] = SHUF(t0, t2, 0, 1, 4, 5);
+    r[1] = SHUF(t0, t2, 2, 3, 6, 7);
+    r[2] = SHUF(t1, t3, 0, 1, 4, 5);
+    r[3] = SHUF(t1, t3, 2, 3, 6, 7);
+}
+/* The 4 x 4 block rows i0.., columns j0.. (j0 >= i0 + 4, inside the matrix) and its mirror image. */
+static inline void finalize_block4(const finalize_args* a, int64_t i0, int64_t j0) {
+    float* M = a->M;
+    const int64_t ld = a->ld;
+    const v4i lj = iload(a->lab + j0);
+    const v4f one = vset(1.0f), zero = vset(0.0f);
+    const v4f fpj = a->fp ? vload(a->fp + j0) : one, fnj = a->fp ? vload(a->fn + j0) : one;
+    const v4f cj = a->cpos ? vload(a->cpos + j0) : zero;
+    v4f v[4], t[4] = {vset(0.0f), vset(0.0f), vset(0.0f), vset(0.0f)};
+    if (!a->upper) {
+        for (int c = 0; c < 4; c++) t[c] = vload(M + (j0 + c) * ld + i0);
+        transpose4(t); /* t[r] = q_{j0.., i0 + r} */
+    }
+    for (int r = 0; r < 4; r++) {
+        const int64_t i = i0 + r;
+        const v4i same = lj == (v4i){a->lab[i], a->lab[i], a->lab[i], a->lab[i]};
+        const v4f fi = a->fp ? vsel(same, vset(a->fp[i]), vset(a->fn[i])) : one;
+        const v4f fj = vsel(same, fpj, fnj);
+        const v4f q = vload(M + i * ld + j0);
+        v4f w = a->upper ? q * (fi + fj) : q * fi + t[r] * fj;
+        if (a->cpos) w += vsel(same, vset(a->cpos[i]) + cj, zero);
+        v[r] = w;
+        vstore(M + i * ld + j0, w);
+    }
+    transpose4(v);
+    for (int c = 0; c < 4; c++) vstore(M + (j0 + c) * ld + i0, v[c]);
+}
+/* Row blocks [4 t0, 4 t1) of the upper triangle (and their mirror images). */
+static void finalize_rows(const finalize_args* a, int64_t t0, int64_t t1) {
+    const int64_t n = a->n, n4 = n & ~(int64_t)3;
+    for (int64_t bt = t0; bt < t1; bt++) {
+        const int64_t i0 = 4 * bt, i1 = i0 + 4 < n ? i0 + 4 : n;
+        for (int64_t i = i0; i < i1; i++) {
+            a->M[i * a->ld + i] = 0.0f;
+            for (int64_t j = i + 1; j < i1; j++) finalize_pair(a, i, j); /* the diagonal block */
+        }
+        if (i1 - i0 == 4) /* (a partial last row block has no full block right of it) */
+            for (int64_t j0 = i0 + 4; j0 < n4; j0 += 4) finalize_block4(a, i0, j0);
+        for (int64_t i = i0; i < i1; i++)  /* the columns past the last full block */
+            for (int64_t j = (n4 > i1 ? n4 : i1); j < n; j++) finalize_pair(a, i, j);
+    }
+}
+void dm_pair_finalize(float* M, int64_t n, int64_t ld, const int32_t* lab, const float* fp, const float* fn,
+                      const float* cpos, int64_t upper, int64_t diag_rows) {
+    finalize_args a = {M, n, ld, lab, fp, fn, cpos, upper, diag_rows};
+    const int64_t tiles = (n + 3) / 4;
+    finalize_rows(&a, 0, tiles);
+    if (!diag_rows) return;
+    for (int64_t i = 0; i < n; i++) { /* W_ii is 0 here */
+        float* row = M + i * ld;
+        v4f acc = vset(0.0f);
+        int64_t j = 0;
+        for (; j + 4 <= n; j += 4) acc += vload(row + j);
+        float total = hsum(acc);
+        for (; j < n; j++) total += row[j];
+        row[i] = -total;
+    }
+}
+
+/* The gradient of a loss from a list of pairs (i_k, j_k, c_k), each unordered pair once, with
+   dL/dx_i = scale sum_j (c_ij + c_ji) (x_i - x_j) and c symmetric: for every entry, with
+   w = 2 scale c: G_i += w (x_i - x_j), G_j += w (x_j - x_i), done as G_i -= w x_j, G_j -= w x_i and
+   r_i += w, r_j += w, then G += r x row by row (two row updates per entry instead of four). G and
+   X are n x D row-major; G is overwritten. */
+void dm_pair_list_grad(const int32_t* ri, const int32_t* rj, const float* c, int64_t count, const float* X,
+                       int64_t n, int64_t D, float* G, float scale) {
+    float* r = calloc((size_t)(n > 0 ? n : 1), sizeof(float));
+    memset(G, 0, (size_t)(n * D) * sizeof(float));
+    if (!r) { /* no scratch: the four-update form */
+        for (int64_t k = 0; k < count; k++) {
+            const float w = 2.0f * scale * c[k];
+            const float* restrict xi = X + (int64_t)ri[k] * D;
+            const float* restrict xj = X + (int64_t)rj[k] * D;
+            float* restrict gi = G + (int64_t)ri[k] * D;
+            float* restrict gj = G + (int64_t)rj[k] * D;
+            for (int64_t t = 0; t < D; t++) {
+                const float diff = w * (xi[t] - xj[t]);
+                gi[t] += diff;
+                gj[t] -= diff;
+            }
+        }
+        return;
+    }
+    for (int64_t k = 0; k < count; k++) {
+        const float w = 2.0f * scale * c[k];
+        const float* restrict xi = X + (int64_t)ri[k] * D;
+        const float* restrict xj = X + (int64_t)rj[k] * D;
+        float* restrict gi = G + (int64_t)ri[k] * D;
+        float* restrict gj = G + (int64_t)rj[k] * D;
+        r[ri[k]] += w;
+        r[rj[k]] += w;
+        for (int64_t t = 0; t < D; t++) {
+            gi[t] -= w * xj[t];
+            gj[t] -= w * xi[t];
+        }
+    }
+    for (int64_t i = 0; i < n; i++) {
+        const float ri_ = r[i];
+        if (ri_ == 0.0f) continue;
+        const float* restrict xi = X + i * D;
+        float* restrict gi = G + i * D;
+        for (int64_t t = 0; t < D; t++) gi[t] += ri_ * xi[t];
+    }
+    free(r);
+}
+
+/* --------------------------------------------------------------------------------------- SupCon */
+/* SupCon (L^sup_out), M = S = Z Z^T of unit rows, t the temperature. Row i:
+     A(i) = {j != i}, P(i) = {j != i : lab_j = lab_i},
+     l_i = log sum_{A(i)} exp(S_ij/t) - (1/|P(i)|) sum_{P(i)} S_ij/t   (rows with |P(i)| > 0),
+     dl_i/dS_ij = (1/t) (softmax_ij - [j in P(i)]/|P(i)|).
+   The exponentials are shifted by m_i: 1 (S <= 1 for unit rows) when 2/t <= 80, so that nothing
+   underflows, else the row's maximum over A(i) (one more pass).
+   Writes e_ij = exp((S_ij - m_i)/t) over the row and the factors of dm_pair_finalize:
+   fp_i = fn_i = 1/(t den_i), cpos_i = -1/(t |P(i)|) (all 0 on rows without positives).
+   stats[0] += sum_i l_i, stats[1] += #{i : |P(i)| > 0}. */
+typedef struct {
+    float* M;
+    int64_t n, ld;
+    const int32_t* lab;
+    float inv_t;
+    float *f, *cpos;
+} supcon_args;
+static void supcon_rows(const supcon_args* a, int64_t r0, int64_t r1, double* stats) {
+    const int64_t n = a->n;
+    const v4f zero = vset(0.0f), ninf = vset(-INFINITY), vit = vset(a->inv_t);
+    const int fixed = 2.0f * a->inv_t <= 80.0f;
+    for (int64_t i = r0; i < r1; i++) {
+        float* s = a->M + i * a->ld;
+        const v4i li = {a->lab[i], a->lab[i], a->lab[i], a->lab[i]};
+        float m = 1.0f;
+        if (!fixed) {
+            v4f vm = ninf;
+            for (int64_t j = 0; j < n; j += 4) vm = vmax(vm, vsel(lanes_ok(j, i, n), load4(s, j, n, 0), ninf));
+            m = hmax(vm);
+        }
+        const v4f vmx = vset(m);
+        v4f vden = zero, vps = zero;
+        v4i vnp = {0, 0, 0, 0};
+#define SUPCON_BLOCK(j, ok, full)                                  \
+    {                                                              \
+        v4f v = load4(s, j, n, full);                              \
+        v4i pos = (iload4(a->lab, j, n, full) == li) & (ok);       \
+        v4f e = vsel((ok), vexp((v - vmx) * vit), zero);           \
+        vden += e;                                                 \
+        vps += vsel(pos, v, zero);                                 \
+        vnp -= pos;                                                \
+        store4(s, j, n, full, e);                                  \
+    }
+        FOR_BLOCKS(i, n, SUPCON_BLOCK)
+#undef SUPCON_BLOCK
+        const int64_t np = (int64_t)vnp[0] + vnp[1] + vnp[2] + vnp[3];
+        const double den = hsum(vden);
+        if (np == 0 || !(den > 0.0)) {
+            a->f[i] = a->cpos[i] = 0.0f;
+            continue;
+        }
+        stats[0] += (double)m * a->inv_t + log(den) - (double)hsum(vps) * a->inv_t / (double)np;
+        stats[1] += 1.0;
+        a->f[i] = (float)(a->inv_t / den);
+        a->cpos[i] = (float)(-a->inv_t / (double)np);
+    }
+}
+void dm_supcon_rows(float* M, int64_t n, int64_t ld, const int32_t* lab, float inv_t, float* f, float* cpos,
+                    double* stats) {
+    supcon_args a = {M, n, ld, lab, inv_t, f, cpos};
+    supcon_rows(&a, 0, n, stats);
+}
+
+/* SupCon on the upper triangle only, for 2/t <= 80: with the fixed shift m = 1 the exponentials
+   e_ij = exp((S_ij - 1)/t) are symmetric, so each unordered pair's is computed once (half the
+   exponentials of dm_supcon_rows) and added to both rows' sums; only the upper triangle of M is
+   read (the rest may hold anything) and e is written there. The factors written are those of
+   dm_supcon_rows, for dm_pair_finalize with upper = 1. stats[2] = -1 if the column sums could not be
+   allocated (nothing else is written then). */
+void dm_supcon_upper(float* M, int64_t n, int64_t ld, const int32_t* lab, float inv_t, float* f, float* cpos,
+                         double* stats) {
+    float* col = calloc((size_t)(3 * n + 12), sizeof(float)); /* column sums of e, of S on positives, counts */
+    if (!col) {
+        stats[2] = -1.0;
+        return;
+    }
+    float *cden = col, *cps = col + n + 4, *cnp = col + 2 * n + 8;
+    const v4f zero = vset(0.0f), one = vset(1.0f), vit = vset(inv_t);
+    for (int64_t i = 0; i < n; i++) {
+        float* s = M + i * ld;
+        const v4i li = {lab[i], lab[i], lab[i], lab[i]};
+        v4f vden = zero, vps = zero, vnp = zero;
+        int64_t j = (i + 1) & ~(int64_t)3;
+        for (; j < n; j += 4) {
+            const int full = j + 4 <= n && j > i;
+            v4i ok = full ? (v4i){-1, -1, -1, -1} : lanes_upper(j, i, n);
+            v4f v = load4(s, j, n, full);
+            v4i pos = (iload4(lab, j, n, full) == li) & ok;
+            v4f e = vsel(ok, vexp((v - one) * vit), zero);
+            vden += e;
+            store4(s, j, n, full, e);
+            vstore(cden + j, vload(cden + j) + e); /* column sums (padded: the tail block stays inside) */
+            if (any4(pos)) {
+                v4f pv = vsel(pos, v, zero), pc = vsel(pos, one, zero);
+                vps += pv;
+                vnp += pc;
+                vstore(cps + j, vload(cps + j) + pv);
+                vstore(cnp + j, vload(cnp + j) + pc);
+            }
+        }
+        cden[i] += hsum(vden);
+        cps[i] += hsum(vps);
+        cnp[i] += hsum(vnp);
+    }
+    for (int64_t i = 0; i < n; i++) {
+        const double den = cden[i], np = cnp[i];
+        if (np < 0.5 || !(den > 0.0)) {
+            f[i] = cpos[i] = 0.0f;
+            continue;
+        }
+        stats[0] += (double)inv_t + log(den) - (double)cps[i] * inv_t / np;
+        stats[1] += 1.0;
+        f[i] = (float)(inv_t / den);
+        cpos[i] = (float)(-inv_t / np);
+    }
+    free(col);
+}
+
+/* ---------------------------------------------------------------------------------- ranked list */
+/* Ranked list (RLL-Simpler), M = S = Z Z^T of unit rows, d_ij = sqrt(max(2 - 2 S_ij, 1e-12)):
+     P*(i) = {j != i : lab_j = lab_i, d_ij > alpha - margin},  N*(i) = {j : lab_j != lab_i, d_ij < alpha},
+     w_ij = exp(T (alpha - d_ij)) (constants in the gradient),
+     l_i = mean_{P*} (d_ij - alpha + margin) + lambda sum_{N*} w_ij (alpha - d_ij) / sum_{N*} w_ij,
+     dl_i/dS_ij = -1/(|P*| d_ij) on P*, lambda w_ij / (W_i d_ij) on N*, 0 elsewhere and where
+     2 - 2 S_ij < 1e-12 (the clamp passes no gradient). An empty P* or N* contributes 0.
+   The weights are shifted by the row's largest exponent when T alpha > 60 (one more pass), else not
+   (1 <= w <= e^60). Writes q_ij = 1/d on P*, w/d on N*, 0 elsewhere, and the factors of
+   dm_pair_finalize: fp_i = -1/|P*|, fn_i = lambda/W_i (0 when the set is empty).
+   stats[0] += sum_i l_i. */
+typedef struct {
+    float* M;
+    int64_t n, ld;
+    const int32_t* lab;
+    float alpha, margin, temperature, lambda;
+    float *fp, *fn;
+} ranked_args;
+static void ranked_rows(const ranked_args* a, int64_t r0, int64_t r1, double* stats) {
+    const int64_t n = a->n;
+    const v4f zero = vset(0.0f), one = vset(1.0f), two = vset(2.0f), veps = vset(1e-12f);
+    const v4f va = vset(a->alpha), vb = vset(a->alpha - a->margin), vT = vset(a->temperature), inf = vset(INFINITY);
+    const int fixed = a->temperature * a->alpha <= 60.0f;
+    for (int64_t i = r0; i < r1; i++) {
+        float* s = a->M + i * a->ld;
+        const v4i li = {a->lab[i], a->lab[i], a->lab[i], a->lab[i]};
+        v4f shift = zero;
+        if (!fixed) { /* the largest exponent T (alpha - min d) over N* */
+            v4f vdmin = inf;
+            for (int64_t j = 0; j < n; j += 4) {
+                v4f d = vsqrt(vmax(two - two * load4(s, j, n, 0), veps));
+                v4i star_n = ~(iload4(a->lab, j, n, 0) == li) & lanes_ok(j, i, n) & (d < va);
+                vdmin = vmin(vdmin, vsel(star_n, d, inf));
+            }
+            const float dmin = hmin(vdmin);
+            shift = vset(dmin < INFINITY ? a->temperature * (a->alpha - dmin) : 0.0f);
+        }
+        v4f vlp = zero, vw = zero, vwd = zero;
+        v4i vcp = {0, 0, 0, 0};
+#define RANKED_BLOCK(j, ok, full)                                         \
+    {                                                                     \
+        v4f d2 = two - two * load4(s, j, n, full);                        \
+        v4f d = vsqrt(vmax(d2, veps));                                    \
+        v4i same = iload4(a->lab, j, n, full) == li;                      \
+        v4i star_p = same & (ok) & (d > vb), star_n = ~same & (ok) & (d < va); \
+        vlp += vsel(star_p, d - vb, zero);                                \
+        vcp -= star_p;                                                    \
+        v4f q = vsel(star_p, one, zero);                                  \
+        if (star_n[0] | star_n[1] | star_n[2] | star_n[3]) {              \
+            v4f w = vsel(star_n, vexp(vT * (va - d) - shift), zero);      \
+            vw += w;                                                      \
+            vwd += w * d;                                                 \
+            q = vsel(star_n, w, q);                                       \
+        }                                                                 \
+        store4(s, j, n, full, vsel(d2 >= veps, q / d, zero));             \
+    }
+        FOR_BLOCKS(i, n, RANKED_BLOCK)
+#undef RANKED_BLOCK
+        const int64_t cp = (int64_t)vcp[0] + vcp[1] + vcp[2] + vcp[3];
+        const double wsum = hsum(vw), wd = hsum(vwd);
+        double row = cp ? (double)hsum(vlp) / (double)cp : 0.0;
+        if (wsum > 0.0) row += (double)a->lambda * ((double)a->alpha - wd / wsum);
+        stats[0] += row;
+        a->fp[i] = cp ? (float)(-1.0 / (double)cp) : 0.0f;
+        a->fn[i] = wsum > 0.0 ? (float)(a->lambda / wsum) : 0.0f;
+    }
+}
+void dm_ranked_list_rows(float* M, int64_t n, int64_t ld, const int32_t* lab, float alpha, float margin,
+                         float temperature, float lambda, float* fp, float* fn, double* stats) {
+    ranked_args a = {M, n, ld, lab, alpha, margin, temperature, lambda, fp, fn};
+    ranked_rows(&a, 0, n, stats);
+}
+
+/* ---------------------------------------------------------------------------------- contrastive */
+/* Contrastive, M = G = X X^T, sq[i] = |x_i|^2, raw_ij = sq_i + sq_j - 2 G_ij, d2 = max(raw, 0),
+   d = sqrt(max(d2, 1e-12)) (kind 0, euclidean) or d = d2 (kind 1, squared euclidean). The pair
+   {i, j} (i < j, read from the upper triangle) stands for both orders: h = [d - pos_margin]_+ (same
+   label) or [margin - d]_+ (other label), term h^q (q = 2 if squared, else 1), counted twice.
+   Writes, on the upper triangle, c_ij = (dterm/dd) / d (kind 0; 0 where raw < 1e-12) or
+   2 dterm/dd (kind 1; 0 where raw < 0): with W = c + c^T over both triangles (dm_pair_finalize,
+   upper = 1, no factors), dL/dx_i = sum_j W_ij (x_i - x_j) for L = the sum of the ordered terms.
+   A block of other-label pairs that are all at least the margin apart (d2 >= margin^2 (1 + 1e-5):
+   no term, no gradient) is written as zeros without square roots.
+   stats[0] += sum of the ordered terms, stats[1] += number of non-zero ordered terms, stats[2] +=
+   number of positive (same-label) ordered pairs, stats[3] += number of non-zero c_ij (i < j).
+   Only the upper triangle of M is read (the rest may hold anything). With a list (li, lj, lc of capacity `cap`, else NULL) the non-zero c_ij are also listed there in
+   row order, as long as they fit (stats[3] > cap says they did not). */
+typedef struct {
+    float* M;
+    int64_t n, ld;
+    const float* sq;
+    const int32_t* lab;
+    float margin, pos_margin;
+    int64_t squared, kind;
+    int32_t *li, *lj;
+    float* lc;
+    int64_t cap;
+} contrastive_args;
+static void contrastive_rows(const contrastive_args* a, int64_t r0, int64_t r1, double* stats) {
+    const int64_t n = a->n, kind = a->kind, squared = a->squared;
+    const v4f zero = vset(0.0f), one = vset(1.0f), two = vset(2.0f), veps = vset(1e-12f);
+    const v4f vm = vset(a->margin), vpm = vset(a->pos_margin);
+    const float far = a->margin <= 0.0f ? 0.0f : kind == 0 ? a->margin * a->margin * (1.0f + 1e-5f) : a->margin * (1.0f + 1e-5f);
+    const v4f vfar = vset(far), gscale = vset(kind == 0 ? 1.0f : 2.0f);
+    int64_t listed = 0;
+    for (int64_t i = r0; i < r1; i++) {
+        float* g = a->M + i * a->ld;
+        const v4i li = {a->lab[i], a->lab[i], a->lab[i], a->lab[i]};
+        const v4f sqi = vset(a->sq[i]);
+        v4f vtot = zero;
+        v4i vnz = {0, 0, 0, 0}, vpos = {0, 0, 0, 0}, vgnz = {0, 0, 0, 0};
+#define CONTRASTIVE_BLOCK(j, ok, full)                                        \
+    {                                                                         \
+        v4f raw = sqi + load4(a->sq, j, n, full) - two * load4(g, j, n, full); \
+        v4i same = iload4(a->lab, j, n, full) == li;                          \
+        if (!any4((same | (raw < vfar)) & (ok))) {                            \
+            store4(g, j, n, full, zero);                                      \
+        } else {                                                              \
+            v4f d2 = vmax(raw, zero), d;                                      \
+            v4i passes;                                                       \
+            if (kind == 0) {                                                  \
+                d = vsqrt(vmax(d2, veps));                                    \
+                passes = raw >= veps;                                         \
+            } else {                                                          \
+                d = d2;                                                       \
+                passes = raw >= zero;                                         \
+            }                                                                 \
+            vpos -= same & (ok);                                              \
+            v4f h = vsel((ok), vmax(vsel(same, d - vpm, vm - d), zero), zero); \
+            v4f term = squared ? h * h : h;                                   \
+            vtot += term;                                                     \
+            vnz -= term > zero;                                               \
+            v4f dt = squared ? two * h : vsel(h > zero, one, zero);           \
+            dt = vsel(same, dt, -dt) * gscale;                                \
+            v4f c = vsel(passes & (ok), kind == 0 ? dt / d : dt, zero);       \
+            v4i live = c != zero;                                             \
+            vgnz -= live;                                                     \
+            store4(g, j, n, full, c);                                         \
+            if (a->lc && any4(live)) {                                        \
+                for (int q = 0; q < 4; q++) {                                 \
+                    if (!live[q]) continue;                                   \
+                    if (listed < a->cap) {                                    \
+                        a->li[listed] = (int32_t)i;                           \
+                        a->lj[listed] = (int32_t)(j + q);                     \
+                        a->lc[listed] = c[q];                                 \
+                    }                                                         \
+                    listed++;                                                 \
+                }                                                             \
+            }                                                                 \
+        }                                                                     \
+    }
+        int64_t j = (i + 1) & ~(int64_t)3;
+        if (j < n) {
+            CONTRASTIVE_BLOCK(j, lanes_upper(j, i, n), 0);
+            j += 4;
+        }
+        for (; j + 8 <= n; j += 8) {
+            CONTRASTIVE_BLOCK(j, ((v4i){-1, -1, -1, -1}), 1);
+            CONTRASTIVE_BLOCK(j + 4, ((v4i){-1, -1, -1, -1}), 1);
+        }
+        for (; j < n; j += 4) CONTRASTIVE_BLOCK(j, lanes_upper(j, i, n), 0);
+#undef CONTRASTIVE_BLOCK
+        stats[0] += 2.0 * hsum(vtot);
+        stats[1] += 2.0 * (double)((int64_t)vnz[0] + vnz[1] + vnz[2] + vnz[3]);
+        stats[2] += 2.0 * (double)((int64_t)vpos[0] + vpos[1] + vpos[2] + vpos[3]);
+        stats[3] += (double)((int64_t)vgnz[0] + vgnz[1] + vgnz[2] + vgnz[3]);
+    }
+}
+void dm_contrastive_rows(float* M, int64_t n, int64_t ld, const float* sq, const int32_t* lab, float margin,
+                         float pos_margin, int64_t squared, int64_t kind, int32_t* li, int32_t* lj, float* lc,
+                         int64_t cap, double* stats) {
+    contrastive_args a = {M, n, ld, sq, lab, margin, pos_margin, squared, kind, li, lj, lc, cap};
+    contrastive_rows(&a, 0, n, stats);
+}

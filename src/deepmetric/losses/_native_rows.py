@@ -1,0 +1,68 @@
+"""Native row kernels of pair-matrix losses of a batch against itself (CPU, float32).
+
+``deepmetric/_native/pair_rows.c`` holds, for contrastive, SupCon and ranked list, one C function
+each that reads the batch's ``(B, B)`` product matrix ``X Xᵀ`` (from one torch GEMM) row by row,
+adds up the loss and overwrites the row with the gradient of the row's terms — a few passes over
+a row that stays in the L1 cache, instead of a dozen torch operations over the whole matrix. A
+second function turns the row gradients ``g`` into ``g + gᵀ`` in place, so the backward of
+``S = X Xᵀ`` is one GEMM (``∂L/∂X = (g + gᵀ) X``) instead of two.
+
+Used only where it applies: CPU float32, the batch against itself with label-defined pairs, at
+most :data:`MAX_ELEMS` matrix entries (one ``(B, B)`` float32 buffer, 64 MiB), and the kernel built
+(:func:`deepmetric._native.load`; ``DEEPMETRIC_NATIVE=0`` turns it off). Elsewhere the losses use
+their blocked torch paths, which the tests compare against.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import Tensor
+
+from deepmetric._native import load
+
+__all__ = ["MAX_ELEMS", "pair_rows_lib", "int32_labels", "finalize", "ptr"]
+
+#: Largest ``B·B`` on the native path (a ``(B, B)`` float32 matrix of 64 MiB, B = 4096).
+MAX_ELEMS = 1 << 24
+
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+def pair_rows_lib(x: Tensor) -> ctypes.CDLL | None:
+    """The ``pair_rows`` kernel library if the batch ``x`` (``(B, D)``) qualifies, else ``None``."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.shape[0] ** 2 > MAX_ELEMS:
+        return None
+    return load("pair_rows")
+
+
+def int32_labels(labels: Tensor) -> Tensor:
+    """Contiguous int32 class ids with ``ids[i] == ids[j]`` iff ``labels[i] == labels[j]``: a cast when
+    the labels are integers within int32's range, else the dense ids of :func:`torch.unique`."""
+    if labels.dtype == torch.int32:
+        return labels.contiguous()
+    if labels.numel() and not labels.is_floating_point() and labels.dtype != torch.bool:
+        lo, hi = torch.aminmax(labels)
+        if int(lo) >= _INT32[0] and int(hi) <= _INT32[1]:
+            return labels.to(torch.int32).contiguous()
+    return torch.unique(labels, return_inverse=True)[1].to(torch.int32).contiguous()
+
+
+def ptr(t: Tensor | None) -> int | None:
+    """A contiguous tensor's data pointer for the kernels (``None``: a NULL pointer)."""
+    return None if t is None else t.data_ptr()
+
+
+def finalize(
+    lib: ctypes.CDLL, m: Tensor, lab: Tensor, fp: Tensor | None, fn: Tensor | None, cpos: Tensor | None,
+    upper: bool = False, diag_rows: bool = False,
+) -> Tensor:
+    """``m ← g + gᵀ`` in place with ``g_ij = m_ij·f_i + [lab_i = lab_j]·cpos_i`` (``f_i`` = ``fp[i]`` on
+    same-label columns, ``fn[i]`` on the others; ``None``: 1 and 0), diagonal 0 (``dm_pair_finalize``).
+    ``upper``: ``m`` holds one value per unordered pair on its upper triangle (``g_ji`` is taken
+    equal to ``g_ij``'s value there). ``diag_rows``: diagonal ``−Σ_{j≠i} m_ij`` instead of 0.
+    Returns ``m``."""
+    assert m.is_contiguous() and m.shape[0] == m.shape[1]
+    lib.dm_pair_finalize(m.data_ptr(), m.shape[0], m.stride(0), lab.data_ptr(), ptr(fp), ptr(fn), ptr(cpos),
+                         int(upper), int(diag_rows))
+    return m
