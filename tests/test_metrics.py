@@ -54,7 +54,9 @@ def test_knn_small_blocks_equal_one_block(backend: str) -> None:
     d1, i1 = knn(x, k=9, block_size=7, backend=backend)
     d2, i2 = knn(x, k=9, backend=backend)
     np.testing.assert_array_equal(i1, i2)
-    np.testing.assert_array_equal(d1, d2)
+    # the BLAS may round a 7-row product differently from a 150-row one (it does on some CPUs):
+    # the same neighbours, distances equal to float32 rounding
+    np.testing.assert_allclose(d1, d2, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,0 +1,196 @@
+"""The native pair-matrix kernels (``deepmetric/_native/pair_rows.c``) of contrastive, SupCon and ranked
+list: values and gradients against the naive loop references (float64) and against the torch paths
+they replace (``DEEPMETRIC_NATIVE=0``), on batches whose size is not a multiple of the vector width,
+with every branch of the kernels taken (sparse / dense contrastive backward, fixed / per-row
+exponent shifts, rows without positives or negatives, zero embeddings, labels beyond int32)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference.native import requires_cc
+from reference.ref_losses_core import contrastive as ref_contrastive
+from reference.ref_losses_rank import ref_ranked_list, ref_sup_con
+
+import deepmetric.losses._native_rows as native_rows
+from deepmetric._native import load
+from deepmetric.losses import ContrastiveLoss, RankedListLoss, SupConLoss
+from deepmetric.losses import contrastive as contrastive_module
+from deepmetric.losses import ranked_list as ranked_module
+from deepmetric.losses import sup_con as sup_con_module
+
+pytestmark = requires_cc
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """Counts the batches that took the native path (``pair_rows_lib`` returned the library)."""
+    calls = {"native": 0}
+    real = native_rows.pair_rows_lib
+
+    def spy(x):
+        lib = real(x)
+        calls["native"] += lib is not None
+        return lib
+
+    for module in (contrastive_module, ranked_module, sup_con_module):
+        monkeypatch.setattr(module, "pair_rows_lib", spy)
+    assert load("pair_rows") is not None  # a C compiler is here (requires_cc): the kernel is what is tested
+    return calls
+
+
+def _value_grad(fn, x):
+    e = x.detach().clone().requires_grad_(True)
+    value = fn(e)
+    value.backward()
+    return value.detach(), e.grad
+
+
+def _batch(b: int, k: int, d: int = 8, scale: float = 1.0, seed: int = 0, normalize: bool = False):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, d, generator=gen)
+    if normalize:
+        x = F.normalize(x, dim=1)
+    labels = torch.arange(b) // k
+    return x * scale, labels[torch.randperm(b, generator=gen)]
+
+
+def _check(loss, ref, x, labels, native_calls, rtol=1e-4, atol=1e-6):
+    before = native_calls["native"]
+    value, grad = _value_grad(lambda e: loss(e, labels), x)
+    assert native_calls["native"] == before + 1
+    ref_value, ref_grad = _value_grad(lambda e: ref(e, labels), x.double())
+    torch.testing.assert_close(value.double(), ref_value, rtol=rtol, atol=atol)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=rtol, atol=atol)
+
+
+# ----------------------------------------------------------------------------------- contrastive
+@pytest.mark.parametrize("b", [13, 37, 70])
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(margin=1.0, squared=False, reduction="mean_nonzero"),
+        dict(margin=1.5, pos_margin=0.2, squared=True, reduction="mean"),
+        dict(margin=2.0, distance="squared_euclidean", reduction="sum"),
+    ],
+)
+@pytest.mark.parametrize("scale", [0.3, 1.0])
+def test_contrastive_native_matches_reference(b, params, scale, native_calls):
+    x, labels = _batch(b, 3, scale=scale, seed=b)
+    loss = ContrastiveLoss(**params)
+    metric = params.get("distance", "euclidean")
+    ref_params = {k: v for k, v in params.items() if k != "distance"}
+    _check(loss, lambda e, y: ref_contrastive(e, y, metric=metric, **ref_params), x, labels, native_calls)
+
+
+@pytest.mark.parametrize("spread", ["sparse", "dense"])
+def test_contrastive_native_backward_paths_match_torch_path(spread, native_calls, monkeypatch):
+    """Few pairs with a gradient (pairs of a class, negatives beyond the margin): the pair-list
+    backward; many (everything within the margin): the mirrored matrix and one GEMM."""
+    x, labels = _batch(64, 2, d=32, normalize=True, seed=5)
+    if spread == "dense":
+        x = x * 0.2
+    loss = ContrastiveLoss(margin=1.0, squared=False, reduction="mean_nonzero")
+    value, grad = _value_grad(lambda e: loss(e, labels), x)
+    assert native_calls["native"] == 1
+    monkeypatch.setenv("DEEPMETRIC_NATIVE", "0")
+    torch_value, torch_grad = _value_grad(lambda e: loss(e, labels), x)
+    torch.testing.assert_close(value, torch_value, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, torch_grad, rtol=1e-4, atol=1e-7)
+    ref_value, ref_grad = _value_grad(lambda e: ref_contrastive(e, labels, margin=1.0, squared=False,
+                                                               reduction="mean_nonzero"), x.double())
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_contrastive_native_without_positives_is_zero(native_calls):
+    x, _ = _batch(9, 1)
+    value, grad = _value_grad(lambda e: ContrastiveLoss()(e, torch.arange(9)), x)
+    assert float(value) == 0.0 and torch.count_nonzero(grad) == 0
+
+
+# ---------------------------------------------------------------------------------------- SupCon
+@pytest.mark.parametrize("b", [13, 37, 70])
+@pytest.mark.parametrize("temperature", [0.1, 0.5, 0.02])  # 0.02: per-row shifts (dm_supcon_rows)
+def test_sup_con_native_matches_reference(b, temperature, native_calls):
+    x, labels = _batch(b, 3, seed=b)
+    _check(SupConLoss(temperature), lambda e, y: ref_sup_con(e, y, temperature=temperature), x, labels,
+           native_calls, rtol=2e-4)
+
+
+def test_sup_con_native_rows_without_positives_and_zero_embedding(native_calls, monkeypatch):
+    x, labels = _batch(21, 3, seed=3)
+    labels[0] = 99  # a class of one: no positives, not an anchor
+    _check(SupConLoss(0.1), lambda e, y: ref_sup_con(e, y, temperature=0.1), x, labels, native_calls)
+    x[5] = 0.0  # a zero embedding (its similarities are 0; the reference's normalisation divides by 0)
+    value, grad = _value_grad(lambda e: SupConLoss(0.1)(e, labels), x)
+    monkeypatch.setenv("DEEPMETRIC_NATIVE", "0")
+    torch_value, torch_grad = _value_grad(lambda e: SupConLoss(0.1)(e, labels), x)
+    torch.testing.assert_close(value, torch_value)
+    torch.testing.assert_close(grad, torch_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_sup_con_native_single_class_and_no_positive(native_calls):
+    x, _ = _batch(10, 1)
+    _check(SupConLoss(0.1), lambda e, y: ref_sup_con(e, y, temperature=0.1), x, torch.zeros(10, dtype=torch.long),
+           native_calls)
+    value, grad = _value_grad(lambda e: SupConLoss(0.1)(e, torch.arange(10)), x)
+    assert float(value) == 0.0 and torch.count_nonzero(grad) == 0
+
+
+# ----------------------------------------------------------------------------------- ranked list
+@pytest.mark.parametrize("b", [13, 37, 70])
+@pytest.mark.parametrize("temperature", [10.0, 0.0, 100.0])  # 100: per-row shifts (T α > 60)
+def test_ranked_list_native_matches_reference(b, temperature, native_calls):
+    x, labels = _batch(b, 3, d=4, seed=b)  # d = 4: many negatives within α
+    _check(RankedListLoss(temperature=temperature), lambda e, y: ref_ranked_list(e, y, temperature=temperature),
+           x, labels, native_calls, rtol=2e-4, atol=1e-6)
+
+
+def test_ranked_list_native_params_and_zero_embedding_fallback(native_calls, monkeypatch):
+    x, labels = _batch(30, 4, d=4, seed=7)
+    params = dict(alpha=1.1, margin=0.5, temperature=5.0, negative_weight=0.7)
+    _check(RankedListLoss(**params), lambda e, y: ref_ranked_list(e, y, **params), x, labels, native_calls)
+    x[3] = 0.0  # not every row a unit vector: the masked torch kernel (d² = |x̂_i|² + |x̂_j|² − 2S)
+    value, grad = _value_grad(lambda e: RankedListLoss(**params)(e, labels), x)
+    monkeypatch.setenv("DEEPMETRIC_NATIVE", "0")
+    torch_value, torch_grad = _value_grad(lambda e: RankedListLoss(**params)(e, labels), x)
+    torch.testing.assert_close(value, torch_value)
+    torch.testing.assert_close(grad, torch_grad, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------- all three
+LOSSES = [
+    lambda: ContrastiveLoss(margin=1.0, squared=False, reduction="mean_nonzero"),
+    lambda: SupConLoss(0.1),
+    lambda: RankedListLoss(),
+]
+
+
+@pytest.mark.parametrize("make", LOSSES)
+def test_labels_beyond_int32_and_no_grad(make, native_calls):
+    x, labels = _batch(40, 4, seed=11)
+    loss = make()
+    value, grad = _value_grad(lambda e: loss(e, labels), x)
+    big = labels * (2**40) - 7  # the same classes, ids beyond int32: dense ids from torch.unique
+    value_big, grad_big = _value_grad(lambda e: loss(e, big), x)
+    torch.testing.assert_close(value_big, value)
+    torch.testing.assert_close(grad_big, grad)
+    with torch.no_grad():
+        torch.testing.assert_close(loss(x, labels), value)
+
+
+@pytest.mark.parametrize("make", LOSSES)
+def test_native_path_limits(make, native_calls, monkeypatch):
+    """float64, a reference set, mined indices and batches over MAX_ELEMS entries take the torch paths."""
+    x, labels = _batch(24, 4, seed=2)
+    loss = make()
+    loss(x.double(), labels)
+    loss(x[:12], labels[:12], ref_embeddings=x[12:], ref_labels=labels[12:])
+    loss(x, labels, (torch.tensor([0, 1]), torch.tensor([4, 5]), torch.tensor([0, 1]), torch.tensor([2, 3])))
+    assert native_calls["native"] == 0
+    monkeypatch.setattr(native_rows, "MAX_ELEMS", 23 * 23)
+    loss(x, labels)
+    assert native_calls["native"] == 0
+    monkeypatch.setattr(native_rows, "MAX_ELEMS", 24 * 24)
+    loss(x, labels)
+    assert native_calls["native"] == 1
