@@ -339,59 +339,59 @@ void dm_supcon_rows(float* M, int64_t n, int64_t ld, const int32_t* lab, float i
     supcon_rows(&a, 0, n, stats);
 }
 
-/* SupCon on the upper triangle only, for 2/t <= 80: with the fixed shift m = 1 the exponentials
-   e_ij = exp((S_ij - 1)/t) are symmetric, so each unordered pair's is computed once (half the
-   exponentials of dm_supcon_rows) and added to both rows' sums; only the upper triangle of M is
-   read (the rest may hold anything) and e is written there. The factors written are those of
-   dm_supcon_rows, for dm_pair_finalize with upper = 1. stats[2] = -1 if the column sums could not be
-   allocated (nothing else is written then). */
-void dm_supcon_upper(float* M, int64_t n, int64_t ld, const int32_t* lab, float inv_t, float* f, float* cpos,
-                         double* stats) {
-    float* col = calloc((size_t)(3 * n + 12), sizeof(float)); /* column sums of e, of S on positives, counts */
-    if (!col) {
-        stats[2] = -1.0;
-        return;
+/* SupCon from the exponentials e_ij = exp(z_ij), z_ij = S_ij/t, for |z| <= 40 (unit rows, t >= 1/40:
+   no shift needed, nothing overflows or underflows). M holds e (the caller's GEMM and vectorised
+   exp) and rowsum[i] = sum_j M_ij (the caller zeroes the diagonal first: e_ii is the row's largest
+   entry, and subtracting it from the sum would cancel most of its digits). Row i, with |P(i)| > 0:
+     den_i = rowsum_i - M_ii,  l_i = log den_i - (1/|P(i)|) sum_{P(i)} z_ij  (z_ij = log e_ij),
+   and dl_i/dS_ij = f_i e_ij + [j in P(i)] c_i with f_i = 1/(t den_i), c_i = -1/(t |P(i)|) (0 for rows
+   without positives). M is overwritten with the gradient of both sides,
+     W_ij = e_ij (f_i + f_j) + [lab_i = lab_j] (c_i + c_j),  W_ii = 0,
+   row by row (e is symmetric up to the GEMM's rounding), so no transposed pass is needed.
+   f and c are scratch (n floats each). stats[0] += sum_i l_i, stats[1] += #{i : |P(i)| > 0}. */
+void dm_supcon_full(float* M, int64_t n, int64_t ld, const int32_t* lab, const float* rowsum, float inv_t,
+                    float* f, float* c, double* stats) {
+    const v4f zero = vset(0.0f);
+    for (int64_t i = 0; i < n; i++) { /* |P(i)| from the labels, then the row factors */
+        const v4i li = {lab[i], lab[i], lab[i], lab[i]};
+        v4i vnp = {0, 0, 0, 0};
+#define COUNT_BLOCK(j, ok, full) vnp -= (iload4(lab, j, n, full) == li) & (ok);
+        FOR_BLOCKS(i, n, COUNT_BLOCK)
+#undef COUNT_BLOCK
+        const int64_t np = (int64_t)vnp[0] + vnp[1] + vnp[2] + vnp[3];
+        const double den = (double)rowsum[i] - (double)M[i * ld + i];
+        if (np == 0 || !(den > 0.0)) {
+            f[i] = c[i] = 0.0f;
+        } else {
+            f[i] = (float)(inv_t / den);
+            c[i] = (float)(-inv_t / (double)np);
+            stats[0] += log(den);
+            stats[1] += 1.0;
+        }
     }
-    float *cden = col, *cps = col + n + 4, *cnp = col + 2 * n + 8;
-    const v4f zero = vset(0.0f), one = vset(1.0f), vit = vset(inv_t);
     for (int64_t i = 0; i < n; i++) {
         float* s = M + i * ld;
         const v4i li = {lab[i], lab[i], lab[i], lab[i]};
-        v4f vden = zero, vps = zero, vnp = zero;
-        int64_t j = (i + 1) & ~(int64_t)3;
-        for (; j < n; j += 4) {
-            const int full = j + 4 <= n && j > i;
-            v4i ok = full ? (v4i){-1, -1, -1, -1} : lanes_upper(j, i, n);
-            v4f v = load4(s, j, n, full);
-            v4i pos = (iload4(lab, j, n, full) == li) & ok;
-            v4f e = vsel(ok, vexp((v - one) * vit), zero);
-            vden += e;
-            store4(s, j, n, full, e);
-            vstore(cden + j, vload(cden + j) + e); /* column sums (padded: the tail block stays inside) */
-            if (any4(pos)) {
-                v4f pv = vsel(pos, v, zero), pc = vsel(pos, one, zero);
-                vps += pv;
-                vnp += pc;
-                vstore(cps + j, vload(cps + j) + pv);
-                vstore(cnp + j, vload(cnp + j) + pc);
-            }
-        }
-        cden[i] += hsum(vden);
-        cps[i] += hsum(vps);
-        cnp[i] += hsum(vnp);
+        const v4f fi = vset(f[i]), ci = vset(c[i]);
+        const int anchor = c[i] != 0.0f;
+        float ps = 0.0f;
+#define SUPCON_FULL_BLOCK(j, ok, full)                                                   \
+    {                                                                                    \
+        v4f e = load4(s, j, n, full);                                                    \
+        v4i same = (iload4(lab, j, n, full) == li) & (ok);                               \
+        v4f w = e * (fi + load4(f, j, n, full));                                         \
+        if (any4(same)) {                                                                \
+            w += vsel(same, ci + load4(c, j, n, full), zero);                            \
+            if (anchor)                                                                  \
+                for (int q = 0; q < 4; q++)                                              \
+                    if (same[q]) ps += logf(e[q]);                                       \
+        }                                                                                \
+        store4(s, j, n, full, vsel((ok), w, zero));                                      \
     }
-    for (int64_t i = 0; i < n; i++) {
-        const double den = cden[i], np = cnp[i];
-        if (np < 0.5 || !(den > 0.0)) {
-            f[i] = cpos[i] = 0.0f;
-            continue;
-        }
-        stats[0] += (double)inv_t + log(den) - (double)cps[i] * inv_t / np;
-        stats[1] += 1.0;
-        f[i] = (float)(inv_t / den);
-        cpos[i] = (float)(-inv_t / np);
+        FOR_BLOCKS(i, n, SUPCON_FULL_BLOCK)
+#undef SUPCON_FULL_BLOCK
+        if (anchor) stats[0] += (double)ps * (double)c[i] / (double)inv_t; /* - mean of z over P(i) */
     }
-    free(col);
 }
 
 /* ---------------------------------------------------------------------------------- ranked list */

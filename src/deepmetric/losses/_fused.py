@@ -61,7 +61,7 @@ def normalize_rows_backward(grad: Tensor, unit: Tensor, denom: Tensor, passes: T
     ``(g − x̂ (x̂·g)) / ‖x‖`` where ``‖x‖ > eps``, else ``g / eps`` (the clamp passes no gradient).
     ``grad`` is overwritten.
     """
-    radial = (unit.unsqueeze(1) @ grad.unsqueeze(2)).squeeze(2)  # (B, 1) row dot products
+    radial = (unit * grad).sum(1, keepdim=True)  # (B, 1) row dot products (a batched 1×D·D×1 bmm is slower)
     radial = torch.where(passes, radial, torch.zeros((), dtype=grad.dtype, device=grad.device))
     return grad.addcmul_(unit, radial, value=-1.0).mul_(scale / denom)
 

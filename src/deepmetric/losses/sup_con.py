@@ -82,35 +82,32 @@ def _sup_con_loss(
 
 
 def _native_kernel(lib, lab: Tensor, inv_t: float):
-    """Same set, label positives, in C, then ``dm_pair_finalize`` (the gradient of both sides,
-    ``G + Gᵀ``). For ``τ >= 1/40`` the exponentials are shifted by the fixed bound 1 of a cosine, so
-    they are symmetric: ``dm_supcon_upper`` computes each pair's once, on the upper triangle (of
-    which alone the similarity is computed); else ``dm_supcon_rows`` shifts each row by its maximum.
-    A batch without positives gives 0 and a zero gradient."""
+    """Same set, label positives, in C. For ``τ >= 1/40``, ``|S/τ| <= 40``: the exponentials need no
+    shift, so one GEMM scaled by ``1/τ`` and torch's vectorised ``exp`` give them all, and ``dm_supcon_full`` turns them, row by row, into the loss and the symmetric gradient of
+    both sides. Else ``dm_supcon_rows`` shifts each row by its maximum and ``dm_pair_finalize`` adds
+    the transposed rows. A batch without positives gives 0 and a zero gradient."""
 
     def kernel(unit: Tensor, _ref: Tensor, need_grad: bool, _all_unit: bool) -> tuple[Tensor, SimGrad | None]:
         batch = unit.shape[0]
         factor, cpos = torch.empty(batch), torch.empty(batch)
-        stats = torch.zeros(3, dtype=torch.float64)
-        upper = 2.0 * inv_t <= 80.0
-        if upper:
-            sim, half = unit.new_empty(batch, batch), batch // 2
-            torch.mm(unit[:half], unit.T, out=sim[:half])  # the upper triangle: no lower-left quarter
-            torch.mm(unit[half:], unit[half:].T, out=sim[half:, half:])
-            lib.dm_supcon_upper(sim.data_ptr(), batch, sim.stride(0), lab.data_ptr(), inv_t, factor.data_ptr(),
-                                cpos.data_ptr(), stats.data_ptr())
-            if stats[2] < 0:
-                raise MemoryError("SupCon: could not allocate the column sums")
+        stats = torch.zeros(2, dtype=torch.float64)
+        if 2.0 * inv_t <= 80.0:
+            # S/τ by the GEMM's own scaling (alpha): as precise as S (scaling the rows by 1/sqrt(τ)
+            # before the product would not be)
+            grad = torch.addmm(unit.new_zeros(()), unit, unit.T, beta=0.0, alpha=inv_t).exp_()
+            grad.diagonal().zero_()  # e_ii = e^{1/τ}, the largest entry, is not in A(i): not in the sums
+            rowsum = grad.sum(1)
+            lib.dm_supcon_full(grad.data_ptr(), batch, grad.stride(0), lab.data_ptr(), rowsum.data_ptr(), inv_t,
+                               factor.data_ptr(), cpos.data_ptr(), stats.data_ptr())
         else:
-            sim = unit @ unit.T
-            lib.dm_supcon_rows(sim.data_ptr(), batch, sim.stride(0), lab.data_ptr(), inv_t, factor.data_ptr(),
+            grad = unit @ unit.T
+            lib.dm_supcon_rows(grad.data_ptr(), batch, grad.stride(0), lab.data_ptr(), inv_t, factor.data_ptr(),
                                cpos.data_ptr(), stats.data_ptr())
+            if need_grad:
+                finalize(lib, grad, lab, factor, factor, cpos)
         count = max(float(stats[1]), 1.0)
         value = torch.tensor(float(stats[0]) / count, dtype=unit.dtype)
-        if not need_grad:
-            return value, None
-        grad = finalize(lib, sim, lab, factor, factor, cpos, upper=upper)
-        return value, SimGrad(grad, 1.0 / count, symmetric=True)
+        return value, (SimGrad(grad, 1.0 / count, symmetric=True) if need_grad else None)
 
     return kernel
 
