@@ -1,13 +1,14 @@
 /* Kernels of the pair-matrix losses of a batch against itself (deepmetric.losses._native_rows):
    contrastive, SupCon and ranked list.
 
-   Each loss kernel gets the batch's n x n matrix M = X X^T (row-major, from the caller's GEMM) and
-   the batch's labels as int32 class ids. It adds the loss up and overwrites M with the gradient of
-   the terms with respect to M, up to per-row factors it writes alongside; where the terms are
-   symmetric in (i, j) only the upper triangle is read and written (half the work; the caller then
-   computes only that part of M). dm_pair_finalize turns that into the symmetric gradient of both
-   sides of S = X X^T, W = g + g^T, so the caller's backward is one GEMM (dL/dX = W X) instead of
-   two; dm_pair_list_grad is the backward from a list of the few pairs that have a gradient.
+   Each loss kernel gets the batch's n x n matrix M = X X^T (row-major, from the caller's GEMM; for
+   SupCon already exponentiated) and the batch's labels as int32 class ids. It adds the loss up and
+   overwrites M with the gradient of the terms with respect to M, or with that gradient up to
+   per-row factors it writes alongside (contrastive: on the upper triangle only, each unordered pair
+   once; the caller computes only that part of M). dm_pair_finalize turns the latter into the
+   symmetric gradient of both sides of S = X X^T, W = g + g^T, so the caller's backward is one GEMM
+   (dL/dX = W X) instead of two; dm_pair_list_grad is the backward from a list of the few pairs
+   that have a gradient.
 
    Single-threaded: on the 2-vCPU machines this was measured on, a second thread gained nothing
    and slowed down while the BLAS threads spin after their GEMM. Vector code uses portable 4-wide
@@ -124,7 +125,6 @@ static inline int plain_block(int64_t j, int64_t i, int64_t n) { return j + 4 <=
         }                                                                     \
     }
 static inline int any4(v4i m) { return (m[0] | m[1] | m[2] | m[3]) != 0; }
-static inline int64_t count4(v4i mask) { return -(int64_t)(mask[0] + mask[1] + mask[2] + mask[3]); }
 
 /* ------------------------------------------------------------------------------- symmetric step */
 /* Turns the row kernels' output q (rows of the ordered-pair gradient up to per-row factors) into the
@@ -281,8 +281,9 @@ void dm_pair_list_grad(const int32_t* ri, const int32_t* rj, const float* c, int
      A(i) = {j != i}, P(i) = {j != i : lab_j = lab_i},
      l_i = log sum_{A(i)} exp(S_ij/t) - (1/|P(i)|) sum_{P(i)} S_ij/t   (rows with |P(i)| > 0),
      dl_i/dS_ij = (1/t) (softmax_ij - [j in P(i)]/|P(i)|).
-   The exponentials are shifted by m_i: 1 (S <= 1 for unit rows) when 2/t <= 80, so that nothing
-   underflows, else the row's maximum over A(i) (one more pass).
+   The exponentials are shifted by the row's maximum m_i over A(i) (one more pass): this kernel is
+   for small temperatures (t < 1/40), where exp(S/t) could overflow or underflow (dm_supcon_full
+   does t >= 1/40).
    Writes e_ij = exp((S_ij - m_i)/t) over the row and the factors of dm_pair_finalize:
    fp_i = fn_i = 1/(t den_i), cpos_i = -1/(t |P(i)|) (all 0 on rows without positives).
    stats[0] += sum_i l_i, stats[1] += #{i : |P(i)| > 0}. */
@@ -296,16 +297,12 @@ typedef struct {
 static void supcon_rows(const supcon_args* a, int64_t r0, int64_t r1, double* stats) {
     const int64_t n = a->n;
     const v4f zero = vset(0.0f), ninf = vset(-INFINITY), vit = vset(a->inv_t);
-    const int fixed = 2.0f * a->inv_t <= 80.0f;
     for (int64_t i = r0; i < r1; i++) {
         float* s = a->M + i * a->ld;
         const v4i li = {a->lab[i], a->lab[i], a->lab[i], a->lab[i]};
-        float m = 1.0f;
-        if (!fixed) {
-            v4f vm = ninf;
-            for (int64_t j = 0; j < n; j += 4) vm = vmax(vm, vsel(lanes_ok(j, i, n), load4(s, j, n, 0), ninf));
-            m = hmax(vm);
-        }
+        v4f vm = ninf;
+        for (int64_t j = 0; j < n; j += 4) vm = vmax(vm, vsel(lanes_ok(j, i, n), load4(s, j, n, 0), ninf));
+        const float m = hmax(vm);
         const v4f vmx = vset(m);
         v4f vden = zero, vps = zero;
         v4i vnp = {0, 0, 0, 0};
@@ -403,8 +400,9 @@ void dm_supcon_full(float* M, int64_t n, int64_t ld, const int32_t* lab, const f
      2 - 2 S_ij < 1e-12 (the clamp passes no gradient). An empty P* or N* contributes 0.
    The weights are shifted by the row's largest exponent when T alpha > 60 (one more pass), else not
    (1 <= w <= e^60). Writes q_ij = 1/d on P*, w/d on N*, 0 elsewhere, and the factors of
-   dm_pair_finalize: fp_i = -1/|P*|, fn_i = lambda/W_i (0 when the set is empty).
-   stats[0] += sum_i l_i. */
+   dm_pair_finalize: fp_i = -1/|P*|, fn_i = lambda/W_i (0 when the set is empty). A block of
+   other-label columns all beyond alpha (d2 >= alpha^2 (1 + 1e-5)) is written as zeros without
+   square roots. stats[0] += sum_i l_i. */
 typedef struct {
     float* M;
     int64_t n, ld;
@@ -417,6 +415,8 @@ static void ranked_rows(const ranked_args* a, int64_t r0, int64_t r1, double* st
     const v4f zero = vset(0.0f), one = vset(1.0f), two = vset(2.0f), veps = vset(1e-12f);
     const v4f va = vset(a->alpha), vb = vset(a->alpha - a->margin), vT = vset(a->temperature), inf = vset(INFINITY);
     const int fixed = a->temperature * a->alpha <= 60.0f;
+    /* d2 >= alpha^2 (1 + 1e-5): d > alpha for sure (no square root needed to know) */
+    const v4f vfar = vset(a->alpha * a->alpha * (1.0f + 1e-5f));
     for (int64_t i = r0; i < r1; i++) {
         float* s = a->M + i * a->ld;
         const v4i li = {a->lab[i], a->lab[i], a->lab[i], a->lab[i]};
@@ -433,22 +433,26 @@ static void ranked_rows(const ranked_args* a, int64_t r0, int64_t r1, double* st
         }
         v4f vlp = zero, vw = zero, vwd = zero;
         v4i vcp = {0, 0, 0, 0};
-#define RANKED_BLOCK(j, ok, full)                                         \
-    {                                                                     \
-        v4f d2 = two - two * load4(s, j, n, full);                        \
-        v4f d = vsqrt(vmax(d2, veps));                                    \
-        v4i same = iload4(a->lab, j, n, full) == li;                      \
-        v4i star_p = same & (ok) & (d > vb), star_n = ~same & (ok) & (d < va); \
-        vlp += vsel(star_p, d - vb, zero);                                \
-        vcp -= star_p;                                                    \
-        v4f q = vsel(star_p, one, zero);                                  \
-        if (star_n[0] | star_n[1] | star_n[2] | star_n[3]) {              \
-            v4f w = vsel(star_n, vexp(vT * (va - d) - shift), zero);      \
-            vw += w;                                                      \
-            vwd += w * d;                                                 \
-            q = vsel(star_n, w, q);                                       \
-        }                                                                 \
-        store4(s, j, n, full, vsel(d2 >= veps, q / d, zero));             \
+#define RANKED_BLOCK(j, ok, full)                                             \
+    {                                                                         \
+        v4f d2 = two - two * load4(s, j, n, full);                            \
+        v4i same = iload4(a->lab, j, n, full) == li;                          \
+        if (!any4((same | (d2 < vfar)) & (ok))) { /* negatives beyond alpha */ \
+            store4(s, j, n, full, zero);                                      \
+        } else {                                                              \
+            v4f d = vsqrt(vmax(d2, veps));                                    \
+            v4i star_p = same & (ok) & (d > vb), star_n = ~same & (ok) & (d < va); \
+            vlp += vsel(star_p, d - vb, zero);                                \
+            vcp -= star_p;                                                    \
+            v4f q = vsel(star_p, one, zero);                                  \
+            if (any4(star_n)) {                                               \
+                v4f w = vsel(star_n, vexp(vT * (va - d) - shift), zero);      \
+                vw += w;                                                      \
+                vwd += w * d;                                                 \
+                q = vsel(star_n, w, q);                                       \
+            }                                                                 \
+            store4(s, j, n, full, vsel(d2 >= veps, q / d, zero));             \
+        }                                                                     \
     }
         FOR_BLOCKS(i, n, RANKED_BLOCK)
 #undef RANKED_BLOCK
