@@ -41,6 +41,8 @@ _SIGNATURES: dict[str, dict[str, tuple[list, object]]] = {
         "dm_triplet_terms": ([_P, _I, _P, _P, _P, _I, _F, _I, _F, _P, _P], None),
     },
     "pair_rows": {
+        "dm_normalize_rows": ([_P, _I, _I, _P, _P, _P], ctypes.c_int64),
+        "dm_normalize_backward": ([_P, _P, _P, _P, _I, _I, _F], None),
         "dm_pair_finalize": ([_P, _I, _I, _P, _P, _P, _P, _I, _I], None),
         "dm_pair_list_grad": ([_P, _P, _P, _I, _P, _I, _I, _P, _F], None),
         "dm_supcon_rows": ([_P, _I, _I, _P, _F, _P, _P, _P], None),

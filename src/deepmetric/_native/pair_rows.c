@@ -126,6 +126,59 @@ static inline int plain_block(int64_t j, int64_t i, int64_t n) { return j + 4 <=
     }
 static inline int any4(v4i m) { return (m[0] | m[1] | m[2] | m[3]) != 0; }
 
+/* ---------------------------------------------------------------------------- row normalisation */
+/* U = X / max(|x_i|, 1e-12) row by row (X, U: n x d row-major), den[i] = max(|x_i|, 1e-12),
+   ok[i] = |x_i| > 1e-12 (the clamp passes the gradient). Returns the number of rows with ok, or -1
+   when a norm is not finite (then U, den and ok are incomplete). */
+int64_t dm_normalize_rows(const float* X, int64_t n, int64_t d, float* U, float* den, uint8_t* ok) {
+    int64_t passed = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const float* x = X + i * d;
+        float* u = U + i * d;
+        v4f acc = vset(0.0f);
+        int64_t k = 0;
+        for (; k + 4 <= d; k += 4) {
+            v4f v = vload(x + k);
+            acc += v * v;
+        }
+        float sq = hsum(acc);
+        for (; k < d; k++) sq += x[k] * x[k];
+        const float norm = sqrtf(sq);
+        if (!isfinite(norm)) return -1;
+        const float dn = norm > 1e-12f ? norm : 1e-12f;
+        den[i] = dn;
+        ok[i] = norm > 1e-12f;
+        passed += ok[i];
+        const float inv = 1.0f / dn;
+        for (k = 0; k + 4 <= d; k += 4) vstore(u + k, vload(x + k) * vset(inv));
+        for (; k < d; k++) u[k] = x[k] * inv;
+    }
+    return passed;
+}
+
+/* The backward of dm_normalize_rows, G = dL/dU in place (n x d): for each row
+   G_i <- (G_i - U_i (U_i . G_i) [ok_i]) * scale / den_i. */
+void dm_normalize_backward(float* G, const float* U, const float* den, const uint8_t* ok, int64_t n, int64_t d,
+                           float scale) {
+    for (int64_t i = 0; i < n; i++) {
+        float* g = G + i * d;
+        const float* u = U + i * d;
+        float radial = 0.0f;
+        if (ok[i]) {
+            v4f acc = vset(0.0f);
+            int64_t k = 0;
+            for (; k + 4 <= d; k += 4) acc += vload(u + k) * vload(g + k);
+            radial = hsum(acc);
+            for (; k < d; k++) radial += u[k] * g[k];
+        }
+        const float f = scale / den[i];
+        const v4f vr = vset(radial), vf = vset(f);
+        int64_t k = 0;
+        for (; k + 4 <= d; k += 4) vstore(g + k, (vload(g + k) - vload(u + k) * vr) * vf);
+        for (; k < d; k++) g[k] = (g[k] - u[k] * radial) * f;
+    }
+}
+
 /* ------------------------------------------------------------------------------- symmetric step */
 /* Turns the row kernels' output q (rows of the ordered-pair gradient up to per-row factors) into the
    symmetric gradient W = g + g^T, where g_ij = q_ij f_i + [lab_i = lab_j] c_i for j != i, with

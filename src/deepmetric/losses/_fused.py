@@ -26,6 +26,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from deepmetric._native import load
+
 __all__ = [
     "NORM_EPS",
     "normalize_rows",
@@ -55,12 +57,43 @@ def normalize_rows(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return x / denom, denom, norm > NORM_EPS
 
 
+def _native_lib(x: Tensor):
+    """The ``pair_rows`` kernels for a CPU float32 ``(B, D)`` tensor, else ``None``."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2:
+        return None
+    return load("pair_rows")
+
+
+def _normalize(x: Tensor) -> tuple[Tensor, Tensor, Tensor, bool, bool | None]:
+    """:func:`normalize_rows` and ``(all_unit, finite)``: whether every row passed the clamp, and
+    whether every norm is finite (``None``: not checked). On CPU float32, one C pass
+    (``dm_normalize_rows``) does it all instead of five tensor operations."""
+    lib = _native_lib(x)
+    if lib is not None:
+        xc = x.detach().contiguous()
+        unit, denom = torch.empty_like(xc), xc.new_empty(xc.shape[0], 1)
+        passes = torch.empty(xc.shape[0], 1, dtype=torch.bool)
+        count = lib.dm_normalize_rows(xc.data_ptr(), xc.shape[0], xc.shape[1], unit.data_ptr(), denom.data_ptr(),
+                                      passes.data_ptr())
+        if count >= 0:
+            return unit, denom, passes, count == xc.shape[0], True
+        unit, denom, passes = normalize_rows(x)  # a non-finite norm: the caller's check raises
+        return unit, denom, passes, False, False
+    unit, denom, passes = normalize_rows(x)
+    return unit, denom, passes, bool(passes.all()), None
+
+
 def normalize_rows_backward(grad: Tensor, unit: Tensor, denom: Tensor, passes: Tensor, scale: Tensor) -> Tensor:
     """Gradient w.r.t. ``x`` of ``x̂ = x / max(‖x‖, eps)``, times ``scale``, given ``grad = ∂L/∂x̂``.
 
     ``(g − x̂ (x̂·g)) / ‖x‖`` where ``‖x‖ > eps``, else ``g / eps`` (the clamp passes no gradient).
-    ``grad`` is overwritten.
+    ``grad`` is overwritten (one C pass, ``dm_normalize_backward``, on CPU float32).
     """
+    lib = _native_lib(grad)
+    if lib is not None and grad.is_contiguous() and unit.is_contiguous() and scale.numel() == 1:
+        lib.dm_normalize_backward(grad.data_ptr(), unit.data_ptr(), denom.contiguous().data_ptr(),
+                                  passes.contiguous().data_ptr(), grad.shape[0], grad.shape[1], float(scale))
+        return grad
     radial = (unit * grad).sum(1, keepdim=True)  # (B, 1) row dot products (a batched 1×D·D×1 bmm is slower)
     radial = torch.where(passes, radial, torch.zeros((), dtype=grad.dtype, device=grad.device))
     return grad.addcmul_(unit, radial, value=-1.0).mul_(scale / denom)
@@ -144,19 +177,22 @@ class FusedSimilarityLoss(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx, x: Tensor, y: Optional[Tensor], kernel: Kernel, col_grad: bool, finite_check
     ):
-        xn, x_den, x_pass = normalize_rows(x)
+        xn, x_den, x_pass, x_unit, x_finite = _normalize(x)
         if y is None:
-            yn, y_den, y_pass = xn, x_den, x_pass
+            yn, y_den, y_pass, y_unit, y_finite = xn, x_den, x_pass, x_unit, x_finite
         else:
-            yn, y_den, y_pass = normalize_rows(y)
+            yn, y_den, y_pass, y_unit, y_finite = _normalize(y)
         if finite_check is not None:
             # NaN / inf rows have a non-finite norm: only then run the caller's full check (which
             # raises); a finite row whose norm overflows passes it, as before
-            finite = bool(torch.isfinite(x_den).all()) and (y is None or bool(torch.isfinite(y_den).all()))
+            finite = all(
+                bool(torch.isfinite(den).all()) if known is None else known
+                for den, known in ((x_den, x_finite), (y_den, y_finite))
+            )
             if not finite:
                 finite_check()
         need = bool(ctx.needs_input_grad[0]) or (y is not None and bool(ctx.needs_input_grad[1]))
-        all_unit = bool(x_pass.all()) and (y is None or bool(y_pass.all()))
+        all_unit = x_unit and y_unit
         value, grad = kernel(xn, yn, need, all_unit)
         ctx.same, ctx.col_grad = y is None, col_grad
         ctx.has_grad = grad is not None
