@@ -83,8 +83,8 @@ def _sup_con_loss(
 
 def _native_kernel(lib, lab: Tensor, inv_t: float):
     """Same set, label positives, in C. For ``τ >= 1/40``, ``|S/τ| <= 40``: the exponentials need no
-    shift, so one GEMM scaled by ``1/τ`` and torch's vectorised ``exp`` give them all, and ``dm_supcon_full`` turns them, row by row, into the loss and the symmetric gradient of
-    both sides. Else ``dm_supcon_rows`` shifts each row by its maximum and ``dm_pair_finalize`` adds
+    shift, so one GEMM scaled by ``1/τ`` and torch's vectorised ``exp`` give them all, and
+    ``dm_supcon_full`` turns them, row by row, into the loss and the symmetric gradient of both sides. Else ``dm_supcon_rows`` shifts each row by its maximum and ``dm_pair_finalize`` adds
     the transposed rows. A batch without positives gives 0 and a zero gradient."""
 
     def kernel(unit: Tensor, _ref: Tensor, need_grad: bool, _all_unit: bool) -> tuple[Tensor, SimGrad | None]:
@@ -92,8 +92,7 @@ def _native_kernel(lib, lab: Tensor, inv_t: float):
         factor, cpos = torch.empty(batch), torch.empty(batch)
         stats = torch.zeros(2, dtype=torch.float64)
         if 2.0 * inv_t <= 80.0:
-            # S/τ by the GEMM's own scaling (alpha): as precise as S (scaling the rows by 1/sqrt(τ)
-            # before the product would not be)
+            # S/τ (the GEMM's alpha), then e = exp(S/τ) in place
             grad = torch.addmm(unit.new_zeros(()), unit, unit.T, beta=0.0, alpha=inv_t).exp_()
             grad.diagonal().zero_()  # e_ii = e^{1/τ}, the largest entry, is not in A(i): not in the sums
             rowsum = grad.sum(1)
