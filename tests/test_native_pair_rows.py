@@ -1,6 +1,6 @@
-"""The native pair-matrix kernels (``deepmetric/_native/pair_rows.c``) of contrastive, SupCon and ranked
-list: values and gradients against the naive loop references (float64) and against the torch paths
-they replace (``DEEPMETRIC_NATIVE=0``), on batches whose size is not a multiple of the vector width,
+"""The native pair-matrix kernels (``deepmetric/_native/pair_rows.c``) of contrastive, SupCon, ranked
+list and multi-similarity: values and gradients against the naive loop references (float64) and
+against the torch paths they replace (``DEEPMETRIC_NATIVE=0``), on batches whose size is not a multiple of the vector width,
 with every branch of the kernels taken (sparse / dense contrastive backward, fixed / per-row
 exponent shifts, rows without positives or negatives, zero embeddings, labels beyond int32)."""
 from __future__ import annotations
@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 from reference.native import requires_cc
 from reference.ref_losses_core import contrastive as ref_contrastive
+from reference.ref_losses_core import multi_similarity as ref_multi_similarity
 from reference.ref_losses_rank import ref_ranked_list, ref_sup_con
 
 import deepmetric.losses._native_rows as native_rows
 from deepmetric._native import load
-from deepmetric.losses import ContrastiveLoss, RankedListLoss, SupConLoss
+from deepmetric.losses import ContrastiveLoss, MultiSimilarityLoss, RankedListLoss, SupConLoss
 from deepmetric.losses import contrastive as contrastive_module
+from deepmetric.losses import multi_similarity as multi_similarity_module
 from deepmetric.losses import ranked_list as ranked_module
 from deepmetric.losses import sup_con as sup_con_module
 
@@ -33,7 +35,7 @@ def native_calls(monkeypatch):
         calls["native"] += lib is not None
         return lib
 
-    for module in (contrastive_module, ranked_module, sup_con_module):
+    for module in (contrastive_module, ranked_module, sup_con_module, multi_similarity_module):
         monkeypatch.setattr(module, "pair_rows_lib", spy)
     assert load("pair_rows") is not None  # a C compiler is here (requires_cc): the kernel is what is tested
     return calls
@@ -158,11 +160,33 @@ def test_ranked_list_native_params_and_zero_embedding_fallback(native_calls, mon
     torch.testing.assert_close(grad, torch_grad, rtol=1e-4, atol=1e-6)
 
 
-# ----------------------------------------------------------------------------------- all three
+# ------------------------------------------------------------------------------ multi-similarity
+@pytest.mark.parametrize("b", [13, 37, 70])
+@pytest.mark.parametrize("params", [dict(alpha=2.0, beta=50.0, base=0.5), dict(alpha=2.0, beta=40.0, base=1.0),
+                                    dict(alpha=10.0, beta=2.0, base=0.0)])
+def test_multi_similarity_native_matches_reference(b, params, native_calls):
+    x, labels = _batch(b, 3, d=4, seed=b)  # d = 4: similarities spread over [-1, 1]
+    _check(MultiSimilarityLoss(**params), lambda e, y: ref_multi_similarity(e, y, **params), x, labels,
+           native_calls, rtol=2e-4)
+
+
+def test_multi_similarity_native_edge_cases(native_calls, monkeypatch):
+    x, _ = _batch(12, 1, d=4)
+    value, grad = _value_grad(lambda e: MultiSimilarityLoss()(e, torch.arange(12)), x)
+    assert float(value) == 0.0 and torch.count_nonzero(grad) == 0  # no positive pair
+    labels = torch.zeros(12, dtype=torch.long)  # one class: no negatives
+    _check(MultiSimilarityLoss(), lambda e, y: ref_multi_similarity(e, y), x, labels, native_calls)
+    before = native_calls["native"]
+    MultiSimilarityLoss(beta=81.0)(x, labels)  # e^{βS} could overflow float32 sums: the torch path
+    assert native_calls["native"] == before
+
+
+# ----------------------------------------------------------------------------------- all four
 LOSSES = [
     lambda: ContrastiveLoss(margin=1.0, squared=False, reduction="mean_nonzero"),
     lambda: SupConLoss(0.1),
     lambda: RankedListLoss(),
+    lambda: MultiSimilarityLoss(base=0.5),
 ]
 
 

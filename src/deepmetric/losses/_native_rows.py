@@ -1,16 +1,21 @@
-"""Native row kernels of pair-matrix losses of a batch against itself (CPU, float32).
+"""Native kernels of pair-matrix losses of a batch against itself (CPU, float32).
 
-``deepmetric/_native/pair_rows.c`` holds, for contrastive, SupCon and ranked list, one C function
-each that reads the batch's ``(B, B)`` product matrix ``X Xᵀ`` (from one torch GEMM) row by row,
-adds up the loss and overwrites the row with the gradient of the row's terms — a few passes over
-a row that stays in the L1 cache, instead of a dozen torch operations over the whole matrix. A
-second function turns the row gradients ``g`` into ``g + gᵀ`` in place, so the backward of
-``S = X Xᵀ`` is one GEMM (``∂L/∂X = (g + gᵀ) X``) instead of two.
+``deepmetric/_native/pair_rows.c`` holds one C function per loss that reads the batch's ``(B, B)``
+matrix from one torch GEMM row by row — a few passes over a row that stays in the L1 cache instead
+of a dozen torch operations over the whole matrix — adds the loss up and writes its gradient:
 
-Used only where it applies: CPU float32, the batch against itself with label-defined pairs, at
-most :data:`MAX_ELEMS` matrix entries (one ``(B, B)`` float32 buffer, 64 MiB), and the kernel built
-(:func:`deepmetric._native.load`; ``DEEPMETRIC_NATIVE=0`` turns it off). Elsewhere the losses use
-their blocked torch paths, which the tests compare against.
+* contrastive: ``X Xᵀ``'s upper triangle (the lower-left quarter is never computed); the few pairs
+  with a gradient are also listed, and the backward works from that list when it is short;
+* SupCon (``τ >= 1/40``): ``exp(S/τ)`` (torch's vectorised ``exp``) in, the symmetric gradient of
+  both sides of ``S = X̂ X̂ᵀ`` out, so the backward is one GEMM instead of two;
+* ranked list (and SupCon at smaller ``τ``): the rows' gradients up to per-row factors, which
+  :func:`finalize` turns into ``g + gᵀ`` in place (one GEMM in the backward too).
+
+The fused similarity losses' row normalisation runs in the same library
+(:mod:`deepmetric.losses._fused`). Used only where it applies: CPU float32, the batch against itself
+with label-defined pairs, at most :data:`MAX_ELEMS` matrix entries (one ``(B, B)`` float32 buffer,
+64 MiB), and the kernels built (:func:`deepmetric._native.load`; ``DEEPMETRIC_NATIVE=0`` turns them
+off). Elsewhere the losses use their blocked torch paths, which the tests compare against.
 """
 from __future__ import annotations
 

@@ -386,7 +386,9 @@ def contrastive_loss(
     """Functional form of :class:`ContrastiveLoss` (same arguments).
 
     One fused pass over the distance matrix (row blocks; the upper triangle only for a batch
-    against itself) computes the loss and ``∂L/∂D``; the backward is a matmul per block.
+    against itself) computes the loss and ``∂L/∂D``; the backward is a matmul per block. A batch
+    against itself with label pairs on CPU float32 (euclidean kinds) takes the same formulas in a C
+    kernel (:class:`_NativeContrastive`, :mod:`deepmetric.losses._native_rows`).
     """
     check_distance(distance)
     check_reduction(reduction, _REDUCTIONS)

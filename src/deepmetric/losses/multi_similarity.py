@@ -8,6 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from deepmetric.errors import ConfigError, DataError
+from deepmetric.losses._fused import SimGrad, fused_similarity_loss
+from deepmetric.losses._native_rows import int32_labels, pair_rows_lib
 from deepmetric.losses._pairs import (
     BLOCK_ELEMS,
     PairKernel,
@@ -184,7 +186,8 @@ def multi_similarity_loss(
     """Functional form of :class:`MultiSimilarityLoss` (same arguments).
 
     One fused pass over the cosine-similarity matrix (row blocks) computes the loss and ``∂L/∂S``;
-    the backward is a matmul per block.
+    the backward is a matmul per block. A batch against itself with label pairs on CPU float32
+    (``β <= 80``) does the row work in a C kernel (:func:`_native_kernel`).
     """
     same_set = ref_embeddings is None
     ref, ref_lab = check_inputs(embeddings, labels, ref_embeddings, ref_labels)
@@ -202,6 +205,9 @@ def multi_similarity_loss(
         with torch.no_grad():
             indices = miner(embeddings.detach(), labels) if same_set else miner(
                 embeddings.detach(), labels, ref.detach(), ref_lab)
+    lib = pair_rows_lib(embeddings) if same_set and indices is None and beta <= _NATIVE_MAX_BETA else None
+    if lib is not None:
+        return fused_similarity_loss(embeddings, None, _native_kernel(lib, int32_labels(labels), **common))
     if indices is None:
         limit = int(_PAIR_LIST_FRACTION * batch * ref_size)
         pairs = label_positive_pairs(labels, None if same_set else ref_lab, max_pairs=limit)
@@ -223,6 +229,31 @@ def multi_similarity_loss(
             pos[pairs[0], pairs[1]] = True
             kernel.pos, kernel.pairs = pos, None
     return fused_pair_loss(embeddings, None if same_set else ref, "dot", kernel, block_elems=_BLOCK, normalize=True)
+
+
+#: The native path holds e^{βS} (|S| <= 1) and its row sums in float32: β up to 80.
+_NATIVE_MAX_BETA = 80.0
+
+
+def _native_kernel(lib, lab: Tensor, *, alpha: float, beta: float, base: float, **_):
+    """Same set, label pairs, in C: one GEMM scaled by ``β`` and torch's vectorised ``exp`` give
+    ``E = e^{βS}``; ``dm_ms_rows`` adds the loss up (the positives' similarities read back as
+    ``log(E)/β``) and writes the symmetric gradient of both sides over ``E``, row by row. A batch
+    without positive pairs gives 0 and a zero gradient, as the blocked path."""
+
+    def kernel(unit: Tensor, _ref: Tensor, need_grad: bool, _all_unit: bool) -> tuple[Tensor, SimGrad | None]:
+        batch = unit.shape[0]
+        grad = torch.addmm(unit.new_zeros(()), unit, unit.T, beta=0.0, alpha=beta).exp_()
+        fp, fn = torch.empty(batch), torch.empty(batch)
+        stats = torch.zeros(2, dtype=torch.float64)
+        lib.dm_ms_rows(grad.data_ptr(), batch, grad.stride(0), lab.data_ptr(), alpha, beta, base, fp.data_ptr(),
+                       fn.data_ptr(), stats.data_ptr())
+        if stats[1] == 0:
+            return unit.new_zeros(()), (SimGrad(grad.zero_(), symmetric=True) if need_grad else None)
+        value = torch.tensor(float(stats[0]) / batch, dtype=unit.dtype)
+        return value, (SimGrad(grad, 1.0 / batch, symmetric=True) if need_grad else None)
+
+    return kernel
 
 
 def _fused_mining(

@@ -35,7 +35,8 @@ def ranked_list_loss(
     One fused pass (:mod:`deepmetric.losses._fused`): the distances, the value and ``∂L/∂S``
     (``S`` the cosine matrix, ``d = sqrt(2 − 2S)``) from one buffer worked in place. With labels and
     no reference set, the positives of each row are read with one gather and overwritten with one
-    scatter (no ``(B, B)`` positive mask); otherwise masks from labels / mined ``indices``.
+    scatter (no ``(B, B)`` positive mask); otherwise masks from labels / mined ``indices``. On CPU
+    float32, labels and no reference set, the row work is a C kernel (:func:`_native_kernel`).
     """
     return _ranked_list_loss(
         embeddings, labels, indices, ref_embeddings, ref_labels, alpha=alpha, margin=margin,

@@ -39,6 +39,7 @@ def sup_con_loss(
     ``(B, R)`` buffer, ``exp(S/τ)`` computed in place. With labels and no reference set, the
     positive logits of each row are read with one gather (``O(B·K)``) and their gradient added
     with one scatter, so no ``(B, B)`` mask is built; otherwise masks from labels / mined ``indices``.
+    On CPU float32, labels and no reference set, the row work is a C kernel (:func:`_native_kernel`).
     """
     return _sup_con_loss(embeddings, labels, indices, ref_embeddings, ref_labels, temperature=temperature)
 
