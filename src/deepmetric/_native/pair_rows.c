@@ -451,18 +451,19 @@ void dm_supcon_full(float* M, int64_t n, int64_t ld, const int32_t* lab, const f
    s+_i = sum_{j != i, lab_j = lab_i} exp(-alpha (S_ij - base)) with S_ij = log(E_ij) / beta,
      l_i = log(1 + s+_i) / alpha + log(1 + s-_i) / beta,
      dl_i/dS_ij = E_ij fn_i (negatives), -exp(-alpha (S_ij - base)) fp_i (positives),
-   fn_i = e^{-beta base} / (1 + s-_i), fp_i = 1 / (1 + s+_i). Written: W_ij = g_ij + g_ji (E and the
+   fn_i = e^{-beta base} / (1 + s-_i), fp_i = 1 / (1 + s+_i). The first pass replaces the positives'
+   E_ij by their terms exp(-alpha (S_ij - base)); the second writes W_ij = g_ij + g_ji (E and the
    positive terms are symmetric), W_ii = 0. fp and fn are scratch (n floats). stats[0] += sum_i l_i,
    stats[1] += the number of positive (ordered) pairs. */
-static inline double ms_positive(float e, float alpha, float beta, float base) {
-    return exp(-(double)alpha * ((double)logf(e) / beta - base));
+static inline float ms_positive(float e, float alpha, float beta, float base) {
+    return expf(-alpha * (logf(e) / beta - base));
 }
 void dm_ms_rows(float* M, int64_t n, int64_t ld, const int32_t* lab, float alpha, float beta, float base, float* fp,
                 float* fn, double* stats) {
     const v4f zero = vset(0.0f);
     const double shift = exp(-(double)beta * base);
-    for (int64_t i = 0; i < n; i++) { /* the row sums and factors */
-        const float* s = M + i * ld;
+    for (int64_t i = 0; i < n; i++) { /* the row sums and factors; positives' E replaced by their terms */
+        float* s = M + i * ld;
         const v4i li = {lab[i], lab[i], lab[i], lab[i]};
         v4f vneg = zero;
         double sp = 0.0;
@@ -473,12 +474,15 @@ void dm_ms_rows(float* M, int64_t n, int64_t ld, const int32_t* lab, float alpha
         v4i same = iload4(lab, j, n, full) == li;                                 \
         vneg += vsel(~same & (ok), e, zero);                                      \
         v4i pos = same & (ok);                                                    \
-        if (any4(pos))                                                            \
+        if (any4(pos)) {                                                          \
             for (int q = 0; q < 4; q++)                                           \
                 if (pos[q]) {                                                     \
-                    sp += ms_positive(e[q], alpha, beta, base);                   \
+                    e[q] = ms_positive(e[q], alpha, beta, base);                  \
+                    sp += e[q];                                                   \
                     np++;                                                         \
                 }                                                                 \
+            store4(s, j, n, full, e);                                             \
+        }                                                                         \
     }
         FOR_BLOCKS(i, n, MS_SUM_BLOCK)
 #undef MS_SUM_BLOCK
@@ -491,18 +495,13 @@ void dm_ms_rows(float* M, int64_t n, int64_t ld, const int32_t* lab, float alpha
     for (int64_t i = 0; i < n; i++) { /* the gradient, row by row */
         float* s = M + i * ld;
         const v4i li = {lab[i], lab[i], lab[i], lab[i]};
-        const v4f fni = vset(fn[i]);
+        const v4f fni = vset(fn[i]), fpi = vset(fp[i]);
 #define MS_GRAD_BLOCK(j, ok, full)                                                \
     {                                                                             \
         v4f e = load4(s, j, n, full);                                             \
         v4i same = iload4(lab, j, n, full) == li;                                 \
-        v4f w = vsel(~same & (ok), e * (fni + load4(fn, j, n, full)), zero);      \
-        v4i pos = same & (ok);                                                    \
-        if (any4(pos))                                                            \
-            for (int q = 0; q < 4; q++)                                           \
-                if (pos[q])                                                       \
-                    w[q] = (float)(-ms_positive(e[q], alpha, beta, base) * ((double)fp[i] + fp[j + q])); \
-        store4(s, j, n, full, w);                                                 \
+        v4f w = vsel(~same, e * (fni + load4(fn, j, n, full)), -e * (fpi + load4(fp, j, n, full))); \
+        store4(s, j, n, full, vsel((ok), w, zero));                               \
     }
         FOR_BLOCKS(i, n, MS_GRAD_BLOCK)
 #undef MS_GRAD_BLOCK
