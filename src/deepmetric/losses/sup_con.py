@@ -91,7 +91,7 @@ def _native_kernel(lib, lab: Tensor, inv_t: float):
     def kernel(unit: Tensor, _ref: Tensor, need_grad: bool, _all_unit: bool) -> tuple[Tensor, SimGrad | None]:
         batch = unit.shape[0]
         factor, cpos = torch.empty(batch), torch.empty(batch)
-        stats = torch.zeros(2, dtype=torch.float64)
+        stats = torch.zeros(3, dtype=torch.float64)
         if 2.0 * inv_t <= 80.0:
             # S/τ (the GEMM's alpha), then e = exp(S/τ) in place
             grad = torch.addmm(unit.new_zeros(()), unit, unit.T, beta=0.0, alpha=inv_t).exp_()
@@ -99,6 +99,8 @@ def _native_kernel(lib, lab: Tensor, inv_t: float):
             rowsum = grad.sum(1)
             lib.dm_supcon_full(grad.data_ptr(), batch, grad.stride(0), lab.data_ptr(), rowsum.data_ptr(), inv_t,
                                factor.data_ptr(), cpos.data_ptr(), stats.data_ptr())
+            if stats[2] < 0:
+                raise MemoryError("SupCon: could not allocate the kernel's label counts")
         else:
             grad = unit @ unit.T
             lib.dm_supcon_rows(grad.data_ptr(), batch, grad.stride(0), lab.data_ptr(), inv_t, factor.data_ptr(),
