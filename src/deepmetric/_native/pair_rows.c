@@ -124,15 +124,6 @@ static inline int plain_block(int64_t j, int64_t i, int64_t n) { return j + 4 <=
             j_ += 4;                                                          \
         }                                                                     \
     }
-/* x = mantissa(x) 2^binary_exponent(x), mantissa in [0.5, 1), for positive normal floats. */
-static inline v4f mantissa(v4f x) {
-    const v4i keep = {(int32_t)0x807FFFFF, (int32_t)0x807FFFFF, (int32_t)0x807FFFFF, (int32_t)0x807FFFFF};
-    const v4i half = {0x3F000000, 0x3F000000, 0x3F000000, 0x3F000000};
-    return (v4f)(((v4i)x & keep) | half);
-}
-static inline v4i binary_exponent(v4f x) {
-    return (((v4i)x >> 23) & (v4i){0xFF, 0xFF, 0xFF, 0xFF}) - (v4i){126, 126, 126, 126};
-}
 static inline int any4(v4i m) { return (m[0] | m[1] | m[2] | m[3]) != 0; }
 
 /* ---------------------------------------------------------------------------- row normalisation */
@@ -407,42 +398,62 @@ void dm_supcon_rows(float* M, int64_t n, int64_t ld, const int32_t* lab, float i
    without positives). M is overwritten with the gradient of both sides,
      W_ij = e_ij (f_i + f_j) + [lab_i = lab_j] (c_i + c_j),  W_ii = 0,
    row by row (e is symmetric up to the GEMM's rounding), so no transposed pass is needed.
-   f and c are scratch (n floats each). stats[0] += sum_i l_i, stats[1] += #{i : |P(i)| > 0};
-   stats[2] = -1 if the label counts could not be allocated (nothing else is done then). */
-/* counts[i] = #{j : lab_j = lab_i} (malloc'ed, n entries; NULL if out of memory), by open addressing
-   in a table of at least 2n slots: O(n). */
-static int64_t* label_counts(const int32_t* lab, int64_t n) {
+   The main pass needs no label comparison: W_ij = e_ij (f_i + f_j) over the whole row, then the
+   positives (the members of the row's class) get their c terms. f and c are scratch (n floats
+   each). stats[0] += sum_i l_i, stats[1] += #{i : |P(i)| > 0}; stats[2] = -1 if the class lists
+   could not be allocated (nothing else is done then). */
+/* The batch's classes: group[i] in [0, G), the members of class g are order[start[g] .. start[g+1])
+   (increasing); by open addressing in a table of at least 2n slots and a counting sort, O(n). One
+   malloc'ed block holds the three arrays (int64: group n, start n + 1, order n); NULL if out of
+   memory. */
+static int64_t* label_groups(const int32_t* lab, int64_t n, int64_t** start, int64_t** order) {
     int64_t size = 16;
     while (size < 2 * n) size *= 2;
     int32_t* keys = malloc((size_t)size * sizeof(int32_t));
-    int64_t* hits = calloc((size_t)size, sizeof(int64_t));
-    int64_t* slot = malloc((size_t)(n > 0 ? n : 1) * sizeof(int64_t));
-    int64_t* counts = malloc((size_t)(n > 0 ? n : 1) * sizeof(int64_t));
-    if (!keys || !hits || !slot || !counts) {
-        free(keys), free(hits), free(slot), free(counts);
+    int64_t* ids = malloc((size_t)size * sizeof(int64_t));
+    int64_t* block = calloc((size_t)(3 * n + 2), sizeof(int64_t));
+    if (!keys || !ids || !block) {
+        free(keys), free(ids), free(block);
         return NULL;
     }
+    int64_t *group = block, *st = block + n, *ord = block + 2 * n + 1, classes = 0;
+    for (int64_t h = 0; h < size; h++) ids[h] = -1;
     for (int64_t i = 0; i < n; i++) {
         int64_t h = (int64_t)(((uint32_t)lab[i] * 2654435761u) & (uint32_t)(size - 1));
-        while (hits[h] && keys[h] != lab[i]) h = (h + 1) & (size - 1);
-        keys[h] = lab[i];
-        hits[h]++;
-        slot[i] = h;
+        while (ids[h] >= 0 && keys[h] != lab[i]) h = (h + 1) & (size - 1);
+        if (ids[h] < 0) {
+            keys[h] = lab[i];
+            ids[h] = classes++;
+        }
+        group[i] = ids[h];
+        st[group[i] + 1]++;
     }
-    for (int64_t i = 0; i < n; i++) counts[i] = hits[slot[i]];
-    free(keys), free(hits), free(slot);
-    return counts;
+    for (int64_t g = 0; g < classes; g++) st[g + 1] += st[g];
+    for (int64_t i = 0; i < n; i++) ord[st[group[i]]++] = i; /* st[g] now holds the end of class g */
+    for (int64_t g = classes; g > 0; g--) st[g] = st[g - 1];
+    st[0] = 0;
+    free(keys), free(ids);
+    *start = st;
+    *order = ord;
+    return group;
+}
+/* log e for a positive normal float, as (mantissa in [0.5, 1), binary exponent): exact parts. */
+static inline float log_parts(float e, int64_t* exponent) {
+    union { float f; uint32_t u; } v = {e};
+    *exponent += (int64_t)((v.u >> 23) & 0xFF) - 126;
+    v.u = (v.u & 0x807FFFFFu) | 0x3F000000u;
+    return v.f;
 }
 void dm_supcon_full(float* M, int64_t n, int64_t ld, const int32_t* lab, const float* rowsum, float inv_t,
                     float* f, float* c, double* stats) {
-    const v4f zero = vset(0.0f);
-    int64_t* counts = label_counts(lab, n);
-    if (!counts) {
+    int64_t *start, *order;
+    int64_t* group = label_groups(lab, n, &start, &order);
+    if (!group) {
         stats[2] = -1.0;
         return;
     }
     for (int64_t i = 0; i < n; i++) { /* the row factors */
-        const int64_t np = counts[i] - 1;
+        const int64_t np = start[group[i] + 1] - start[group[i]] - 1;
         const double den = (double)rowsum[i] - (double)M[i * ld + i];
         if (np == 0 || !(den > 0.0)) {
             f[i] = c[i] = 0.0f;
@@ -453,37 +464,26 @@ void dm_supcon_full(float* M, int64_t n, int64_t ld, const int32_t* lab, const f
             stats[1] += 1.0;
         }
     }
-    free(counts);
+    const int64_t n4 = n & ~(int64_t)3;
     for (int64_t i = 0; i < n; i++) {
         float* s = M + i * ld;
-        const v4i li = {lab[i], lab[i], lab[i], lab[i]};
-        const v4f fi = vset(f[i]), ci = vset(c[i]);
-        /* sum of log e over P(i) as the log of a product kept as mantissas in [0.5, 1) and a sum
-           of binary exponents (exact; one log per row instead of one per positive) */
-        v4f vprod = vset(1.0f);
-        v4i vexp2 = {0, 0, 0, 0};
-#define SUPCON_FULL_BLOCK(j, ok, full)                                                   \
-    {                                                                                    \
-        v4f e = load4(s, j, n, full);                                                    \
-        v4i same = (iload4(lab, j, n, full) == li) & (ok);                               \
-        v4f w = e * (fi + load4(f, j, n, full));                                         \
-        if (any4(same)) {                                                                \
-            w += vsel(same, ci + load4(c, j, n, full), zero);                            \
-            vprod *= vsel(same, mantissa(e), vset(1.0f));                                \
-            vexp2 += same & binary_exponent(e);                                          \
-            vexp2 += binary_exponent(vprod); /* renormalised: no underflow however many */ \
-            vprod = mantissa(vprod);                                                     \
-        }                                                                                \
-        store4(s, j, n, full, vsel((ok), w, zero));                                      \
-    }
-        FOR_BLOCKS(i, n, SUPCON_FULL_BLOCK)
-#undef SUPCON_FULL_BLOCK
-        if (c[i] != 0.0f) { /* - the mean of z = log e over P(i) */
-            const double logs = log((double)vprod[0] * vprod[1] * vprod[2] * vprod[3]) +
-                                0.6931471805599453 * (double)(vexp2[0] + vexp2[1] + vexp2[2] + vexp2[3]);
-            stats[0] += logs * (double)c[i] / (double)inv_t;
+        const int64_t p0 = start[group[i]], p1 = start[group[i] + 1];
+        if (c[i] != 0.0f) { /* - the mean of z = log e over P(i): one log of a renormalised product */
+            float prod = 1.0f;
+            int64_t exponent = 0;
+            for (int64_t t = p0; t < p1; t++)
+                if (order[t] != i) prod = log_parts(prod * log_parts(s[order[t]], &exponent), &exponent);
+            stats[0] += (log((double)prod) + 0.6931471805599453 * (double)exponent) * (double)c[i] / (double)inv_t;
         }
+        const v4f fi = vset(f[i]);
+        int64_t j = 0;
+        for (; j < n4; j += 4) vstore(s + j, vload(s + j) * (fi + vload(f + j)));
+        for (; j < n; j++) s[j] *= f[i] + f[j];
+        s[i] = 0.0f;
+        for (int64_t t = p0; t < p1; t++)
+            if (order[t] != i) s[order[t]] += c[i] + c[order[t]];
     }
+    free(group);
 }
 
 /* ----------------------------------------------------------------------------- multi-similarity */

@@ -100,7 +100,7 @@ def _native_kernel(lib, lab: Tensor, inv_t: float):
             lib.dm_supcon_full(grad.data_ptr(), batch, grad.stride(0), lab.data_ptr(), rowsum.data_ptr(), inv_t,
                                factor.data_ptr(), cpos.data_ptr(), stats.data_ptr())
             if stats[2] < 0:
-                raise MemoryError("SupCon: could not allocate the kernel's label counts")
+                raise MemoryError("SupCon: could not allocate the kernel's class lists")
         else:
             grad = unit @ unit.T
             lib.dm_supcon_rows(grad.data_ptr(), batch, grad.stride(0), lab.data_ptr(), inv_t, factor.data_ptr(),
