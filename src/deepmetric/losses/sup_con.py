@@ -99,7 +99,7 @@ def _native_kernel(lib, lab: Tensor, inv_t: float):
             rowsum = grad.sum(1)
             lib.dm_supcon_full(grad.data_ptr(), batch, grad.stride(0), lab.data_ptr(), rowsum.data_ptr(), inv_t,
                                factor.data_ptr(), cpos.data_ptr(), stats.data_ptr())
-            if stats[2] < 0:
+            if float(stats[2]) < 0:
                 raise MemoryError("SupCon: could not allocate the kernel's class lists")
         else:
             grad = unit @ unit.T
@@ -107,8 +107,9 @@ def _native_kernel(lib, lab: Tensor, inv_t: float):
                                cpos.data_ptr(), stats.data_ptr())
             if need_grad:
                 finalize(lib, grad, lab, factor, factor, cpos)
-        count = max(float(stats[1]), 1.0)
-        value = torch.tensor(float(stats[0]) / count, dtype=unit.dtype)
+        total, anchors = stats.tolist()[:2]
+        count = max(anchors, 1.0)
+        value = torch.tensor(total / count, dtype=unit.dtype)
         return value, (SimGrad(grad, 1.0 / count, symmetric=True) if need_grad else None)
 
     return kernel
