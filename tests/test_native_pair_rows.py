@@ -191,6 +191,17 @@ LOSSES = [
 
 
 @pytest.mark.parametrize("make", LOSSES)
+def test_no_positive_pair_gives_zero_as_the_torch_path(make, native_calls, monkeypatch):
+    x, _ = _batch(11, 1, d=4)
+    labels = torch.arange(11)
+    value, grad = _value_grad(lambda e: make()(e, labels), x)
+    assert native_calls["native"] == 1
+    assert float(value) == 0.0 and torch.count_nonzero(grad) == 0
+    monkeypatch.setenv("DEEPMETRIC_NATIVE", "0")
+    assert float(make()(x, labels)) == 0.0
+
+
+@pytest.mark.parametrize("make", LOSSES)
 def test_labels_beyond_int32_and_no_grad(make, native_calls):
     x, labels = _batch(40, 4, seed=11)
     loss = make()

@@ -44,7 +44,7 @@ _SIGNATURES: dict[str, dict[str, tuple[list, object]]] = {
         "dm_normalize_rows": ([_P, _I, _I, _P, _P, _P], ctypes.c_int64),
         "dm_normalize_backward": ([_P, _P, _P, _P, _I, _I, _F], None),
         "dm_pair_finalize": ([_P, _I, _I, _P, _P, _P, _P, _I, _I], None),
-        "dm_pair_list_grad": ([_P, _P, _P, _I, _P, _I, _I, _P, _F], None),
+        "dm_pair_list_grad": ([_P, _P, _P, _I, _P, _I, _I, _P, _F], ctypes.c_int),
         "dm_supcon_rows": ([_P, _I, _I, _P, _F, _P, _P, _P], None),
         "dm_ms_rows": ([_P, _I, _I, _P, _F, _F, _F, _P, _P, _P], None),
         "dm_supcon_full": ([_P, _I, _I, _P, _P, _F, _P, _P, _P], None),

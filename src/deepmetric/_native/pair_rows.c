@@ -286,26 +286,13 @@ void dm_pair_finalize(float* M, int64_t n, int64_t ld, const int32_t* lab, const
    dL/dx_i = scale sum_j (c_ij + c_ji) (x_i - x_j) and c symmetric: for every entry, with
    w = 2 scale c: G_i += w (x_i - x_j), G_j += w (x_j - x_i), done as G_i -= w x_j, G_j -= w x_i and
    r_i += w, r_j += w, then G += r x row by row (two row updates per entry instead of four). G and
-   X are n x D row-major; G is overwritten. */
-void dm_pair_list_grad(const int32_t* ri, const int32_t* rj, const float* c, int64_t count, const float* X,
-                       int64_t n, int64_t D, float* G, float scale) {
+   X are n x D row-major; G is overwritten. Returns 0, or -1 if the row scratch could not be
+   allocated (G untouched). */
+int dm_pair_list_grad(const int32_t* ri, const int32_t* rj, const float* c, int64_t count, const float* X,
+                      int64_t n, int64_t D, float* G, float scale) {
     float* r = calloc((size_t)(n > 0 ? n : 1), sizeof(float));
+    if (!r) return -1;
     memset(G, 0, (size_t)(n * D) * sizeof(float));
-    if (!r) { /* no scratch: the four-update form */
-        for (int64_t k = 0; k < count; k++) {
-            const float w = 2.0f * scale * c[k];
-            const float* restrict xi = X + (int64_t)ri[k] * D;
-            const float* restrict xj = X + (int64_t)rj[k] * D;
-            float* restrict gi = G + (int64_t)ri[k] * D;
-            float* restrict gj = G + (int64_t)rj[k] * D;
-            for (int64_t t = 0; t < D; t++) {
-                const float diff = w * (xi[t] - xj[t]);
-                gi[t] += diff;
-                gj[t] -= diff;
-            }
-        }
-        return;
-    }
     for (int64_t k = 0; k < count; k++) {
         const float w = 2.0f * scale * c[k];
         const float* restrict xi = X + (int64_t)ri[k] * D;
@@ -327,6 +314,7 @@ void dm_pair_list_grad(const int32_t* ri, const int32_t* rj, const float* c, int
         for (int64_t t = 0; t < D; t++) gi[t] += ri_ * xi[t];
     }
     free(r);
+    return 0;
 }
 
 /* --------------------------------------------------------------------------------------- SupCon */
@@ -561,7 +549,7 @@ void dm_ms_rows(float* M, int64_t n, int64_t ld, const int32_t* lab, float alpha
    (1 <= w <= e^60). Writes q_ij = 1/d on P*, w/d on N*, 0 elsewhere, and the factors of
    dm_pair_finalize: fp_i = -1/|P*|, fn_i = lambda/W_i (0 when the set is empty). A block of
    other-label columns all beyond alpha (d2 >= alpha^2 (1 + 1e-5)) is written as zeros without
-   square roots. stats[0] += sum_i l_i. */
+   square roots. stats[0] += sum_i l_i, stats[1] += the number of positive (same-label, j != i) pairs. */
 typedef struct {
     float* M;
     int64_t n, ld;
@@ -591,7 +579,7 @@ static void ranked_rows(const ranked_args* a, int64_t r0, int64_t r1, double* st
             shift = vset(dmin < INFINITY ? a->temperature * (a->alpha - dmin) : 0.0f);
         }
         v4f vlp = zero, vw = zero, vwd = zero;
-        v4i vcp = {0, 0, 0, 0};
+        v4i vcp = {0, 0, 0, 0}, vpos = {0, 0, 0, 0};
 #define RANKED_BLOCK(j, ok, full)                                             \
     {                                                                         \
         v4f d2 = two - two * load4(s, j, n, full);                            \
@@ -603,6 +591,7 @@ static void ranked_rows(const ranked_args* a, int64_t r0, int64_t r1, double* st
             v4i star_p = same & (ok) & (d > vb), star_n = ~same & (ok) & (d < va); \
             vlp += vsel(star_p, d - vb, zero);                                \
             vcp -= star_p;                                                    \
+            vpos -= same & (ok);                                              \
             v4f q = vsel(star_p, one, zero);                                  \
             if (any4(star_n)) {                                               \
                 v4f w = vsel(star_n, vexp(vT * (va - d) - shift), zero);      \
@@ -620,6 +609,7 @@ static void ranked_rows(const ranked_args* a, int64_t r0, int64_t r1, double* st
         double row = cp ? (double)hsum(vlp) / (double)cp : 0.0;
         if (wsum > 0.0) row += (double)a->lambda * ((double)a->alpha - wd / wsum);
         stats[0] += row;
+        stats[1] += (double)((int64_t)vpos[0] + vpos[1] + vpos[2] + vpos[3]);
         a->fp[i] = cp ? (float)(-1.0 / (double)cp) : 0.0f;
         a->fn[i] = wsum > 0.0 ? (float)(a->lambda / wsum) : 0.0f;
     }

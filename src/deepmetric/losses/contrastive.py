@@ -363,8 +363,10 @@ class _NativeContrastive(torch.autograd.Function):
             gx = torch.mm(weights, xd).mul_(-scale)
         elif lc is not None:
             gx = torch.empty_like(xd)
-            ctx.lib.dm_pair_list_grad(li.data_ptr(), lj.data_ptr(), lc.data_ptr(), ctx.count, xd.data_ptr(),
-                                      xd.shape[0], xd.shape[1], gx.data_ptr(), scale)
+            status = ctx.lib.dm_pair_list_grad(li.data_ptr(), lj.data_ptr(), lc.data_ptr(), ctx.count,
+                                               xd.data_ptr(), xd.shape[0], xd.shape[1], gx.data_ptr(), scale)
+            if status != 0:
+                raise MemoryError("contrastive backward: could not allocate the kernel's row scratch")
         else:
             gx = torch.zeros_like(xd)
         return gx, None, None, None, None, None, None, None

@@ -248,9 +248,10 @@ def _native_kernel(lib, lab: Tensor, *, alpha: float, beta: float, base: float, 
         stats = torch.zeros(2, dtype=torch.float64)
         lib.dm_ms_rows(grad.data_ptr(), batch, grad.stride(0), lab.data_ptr(), alpha, beta, base, fp.data_ptr(),
                        fn.data_ptr(), stats.data_ptr())
-        if stats[1] == 0:
+        total, positives = stats.tolist()
+        if positives == 0:
             return unit.new_zeros(()), (SimGrad(grad.zero_(), symmetric=True) if need_grad else None)
-        value = torch.tensor(float(stats[0]) / batch, dtype=unit.dtype)
+        value = torch.tensor(total / batch, dtype=unit.dtype)
         return value, (SimGrad(grad, 1.0 / batch, symmetric=True) if need_grad else None)
 
     return kernel

@@ -64,7 +64,8 @@ def _ranked_list_loss(
     params = (alpha, margin, temperature, negative_weight)
     lib = pair_rows_lib(embeddings) if same_set and indices is None and not query_only_gradient else None
     if lib is not None:
-        return fused_similarity_loss(embeddings, None, _native_kernel(lib, int32_labels(labels), *params), True, finite_check)
+        kernel = _native_kernel(lib, int32_labels(labels), *params)
+        return fused_similarity_loss(embeddings, None, kernel, True, finite_check)
     groups = label_groups(labels) if same_set and indices is None else None
     if groups is None and finite_check is not None:
         finite_check()  # masks may raise too: keep the checks in their usual order
@@ -155,8 +156,9 @@ def _sparse_negatives(
 def _native_kernel(lib, lab: Tensor, alpha: float, margin: float, temperature: float, negative_weight: float):
     """Same set, label positives, in C: ``dm_ranked_list_rows`` (distances, weights and the loss over
     the rows of ``S`` in place, with the per-row factors of the gradient), then ``dm_pair_finalize``
-    (the gradient of both sides, ``G + Gᵀ``). Rows that are not unit vectors (a zero embedding) take
-    the torch kernel, which handles ``d² = |x̂_i|² + |x̂_j|² − 2S``."""
+    (the gradient of both sides, ``G + Gᵀ``). A batch without positive pairs gives 0 and a zero
+    gradient, as the torch paths. Rows that are not unit vectors (a zero embedding) take the torch
+    kernel, which handles ``d² = |x̂_i|² + |x̂_j|² − 2S``."""
     fallback = None
 
     def kernel(unit: Tensor, ref: Tensor, need_grad: bool, all_unit: bool) -> tuple[Tensor, SimGrad | None]:
@@ -169,10 +171,13 @@ def _native_kernel(lib, lab: Tensor, alpha: float, margin: float, temperature: f
         sim = unit @ unit.T
         batch = sim.shape[0]
         fp, fn = torch.empty(batch), torch.empty(batch)
-        stats = torch.zeros(1, dtype=torch.float64)
+        stats = torch.zeros(2, dtype=torch.float64)
         lib.dm_ranked_list_rows(sim.data_ptr(), batch, sim.stride(0), lab.data_ptr(), alpha, margin, temperature,
                                 negative_weight, fp.data_ptr(), fn.data_ptr(), stats.data_ptr())
-        value = torch.tensor(float(stats[0]) / batch, dtype=unit.dtype)
+        total, positives = stats.tolist()
+        if positives == 0:  # no positive pair in the batch: 0, as the torch paths
+            return unit.new_zeros(()), (SimGrad(sim.zero_(), symmetric=True) if need_grad else None)
+        value = torch.tensor(total / batch, dtype=unit.dtype)
         if not need_grad:
             return value, None
         return value, SimGrad(finalize(lib, sim, lab, fp, fn, None), 1.0 / batch, symmetric=True)
