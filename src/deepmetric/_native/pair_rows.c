@@ -250,11 +250,11 @@ static inline void finalize_block4(const finalize_args* a, int64_t i0, int64_t j
     transpose4(v);
     for (int c = 0; c < 4; c++) vstore(M + (j0 + c) * ld + i0, v[c]);
 }
-/* Row blocks [4 t0, 4 t1) of the upper triangle (and their mirror images). */
-static void finalize_rows(const finalize_args* a, int64_t t0, int64_t t1) {
+/* The upper triangle, 4 rows at a time (and its mirror image). */
+static void finalize_rows(const finalize_args* a) {
     const int64_t n = a->n, n4 = n & ~(int64_t)3;
-    for (int64_t bt = t0; bt < t1; bt++) {
-        const int64_t i0 = 4 * bt, i1 = i0 + 4 < n ? i0 + 4 : n;
+    for (int64_t i0 = 0; i0 < n; i0 += 4) {
+        const int64_t i1 = i0 + 4 < n ? i0 + 4 : n;
         for (int64_t i = i0; i < i1; i++) {
             a->M[i * a->ld + i] = 0.0f;
             for (int64_t j = i + 1; j < i1; j++) finalize_pair(a, i, j); /* the diagonal block */
@@ -268,8 +268,7 @@ static void finalize_rows(const finalize_args* a, int64_t t0, int64_t t1) {
 void dm_pair_finalize(float* M, int64_t n, int64_t ld, const int32_t* lab, const float* fp, const float* fn,
                       const float* cpos, int64_t upper, int64_t diag_rows) {
     finalize_args a = {M, n, ld, lab, fp, fn, cpos, upper, diag_rows};
-    const int64_t tiles = (n + 3) / 4;
-    finalize_rows(&a, 0, tiles);
+    finalize_rows(&a);
     if (!diag_rows) return;
     for (int64_t i = 0; i < n; i++) { /* W_ii is 0 here */
         float* row = M + i * ld;
@@ -335,10 +334,10 @@ typedef struct {
     float inv_t;
     float *f, *cpos;
 } supcon_args;
-static void supcon_rows(const supcon_args* a, int64_t r0, int64_t r1, double* stats) {
+static void supcon_rows(const supcon_args* a, double* stats) {
     const int64_t n = a->n;
     const v4f zero = vset(0.0f), ninf = vset(-INFINITY), vit = vset(a->inv_t);
-    for (int64_t i = r0; i < r1; i++) {
+    for (int64_t i = 0; i < n; i++) {
         float* s = a->M + i * a->ld;
         const v4i li = {a->lab[i], a->lab[i], a->lab[i], a->lab[i]};
         v4f vm = ninf;
@@ -374,7 +373,7 @@ static void supcon_rows(const supcon_args* a, int64_t r0, int64_t r1, double* st
 void dm_supcon_rows(float* M, int64_t n, int64_t ld, const int32_t* lab, float inv_t, float* f, float* cpos,
                     double* stats) {
     supcon_args a = {M, n, ld, lab, inv_t, f, cpos};
-    supcon_rows(&a, 0, n, stats);
+    supcon_rows(&a, stats);
 }
 
 /* SupCon from the exponentials e_ij = exp(z_ij), z_ij = S_ij/t, for |z| <= 40 (unit rows, t >= 1/40:
@@ -557,14 +556,14 @@ typedef struct {
     float alpha, margin, temperature, lambda;
     float *fp, *fn;
 } ranked_args;
-static void ranked_rows(const ranked_args* a, int64_t r0, int64_t r1, double* stats) {
+static void ranked_rows(const ranked_args* a, double* stats) {
     const int64_t n = a->n;
     const v4f zero = vset(0.0f), one = vset(1.0f), two = vset(2.0f), veps = vset(1e-12f);
     const v4f va = vset(a->alpha), vb = vset(a->alpha - a->margin), vT = vset(a->temperature), inf = vset(INFINITY);
     const int fixed = a->temperature * a->alpha <= 60.0f;
     /* d2 >= alpha^2 (1 + 1e-5): d > alpha for sure (no square root needed to know) */
     const v4f vfar = vset(a->alpha * a->alpha * (1.0f + 1e-5f));
-    for (int64_t i = r0; i < r1; i++) {
+    for (int64_t i = 0; i < n; i++) {
         float* s = a->M + i * a->ld;
         const v4i li = {a->lab[i], a->lab[i], a->lab[i], a->lab[i]};
         v4f shift = zero;
@@ -617,7 +616,7 @@ static void ranked_rows(const ranked_args* a, int64_t r0, int64_t r1, double* st
 void dm_ranked_list_rows(float* M, int64_t n, int64_t ld, const int32_t* lab, float alpha, float margin,
                          float temperature, float lambda, float* fp, float* fn, double* stats) {
     ranked_args a = {M, n, ld, lab, alpha, margin, temperature, lambda, fp, fn};
-    ranked_rows(&a, 0, n, stats);
+    ranked_rows(&a, stats);
 }
 
 /* ---------------------------------------------------------------------------------- contrastive */
@@ -645,14 +644,14 @@ typedef struct {
     float* lc;
     int64_t cap;
 } contrastive_args;
-static void contrastive_rows(const contrastive_args* a, int64_t r0, int64_t r1, double* stats) {
+static void contrastive_rows(const contrastive_args* a, double* stats) {
     const int64_t n = a->n, kind = a->kind, squared = a->squared;
     const v4f zero = vset(0.0f), one = vset(1.0f), two = vset(2.0f), veps = vset(1e-12f);
     const v4f vm = vset(a->margin), vpm = vset(a->pos_margin);
     const float far = a->margin <= 0.0f ? 0.0f : kind == 0 ? a->margin * a->margin * (1.0f + 1e-5f) : a->margin * (1.0f + 1e-5f);
     const v4f vfar = vset(far), gscale = vset(kind == 0 ? 1.0f : 2.0f);
     int64_t listed = 0;
-    for (int64_t i = r0; i < r1; i++) {
+    for (int64_t i = 0; i < n; i++) {
         float* g = a->M + i * a->ld;
         const v4i li = {a->lab[i], a->lab[i], a->lab[i], a->lab[i]};
         const v4f sqi = vset(a->sq[i]);
@@ -719,5 +718,5 @@ void dm_contrastive_rows(float* M, int64_t n, int64_t ld, const float* sq, const
                          float pos_margin, int64_t squared, int64_t kind, int32_t* li, int32_t* lj, float* lc,
                          int64_t cap, double* stats) {
     contrastive_args a = {M, n, ld, sq, lab, margin, pos_margin, squared, kind, li, lj, lc, cap};
-    contrastive_rows(&a, 0, n, stats);
+    contrastive_rows(&a, stats);
 }

@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from deepmetric._native import load
+from deepmetric.losses._native_rows import native_lib
 
 __all__ = [
     "NORM_EPS",
@@ -41,6 +41,7 @@ __all__ = [
     "LOG2E",
     "LN2",
     "masked_lse_rows",
+    "symmetric_result",
     "deferred_class_check",
     "softmax_xent",
 ]
@@ -57,18 +58,11 @@ def normalize_rows(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return x / denom, denom, norm > NORM_EPS
 
 
-def _native_lib(x: Tensor):
-    """The ``pair_rows`` kernels for a CPU float32 ``(B, D)`` tensor, else ``None``."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2:
-        return None
-    return load("pair_rows")
-
-
 def _normalize(x: Tensor) -> tuple[Tensor, Tensor, Tensor, bool, bool | None]:
     """:func:`normalize_rows` and ``(all_unit, finite)``: whether every row passed the clamp, and
     whether every norm is finite (``None``: not checked). On CPU float32, one C pass
     (``dm_normalize_rows``) does it all instead of five tensor operations."""
-    lib = _native_lib(x)
+    lib = native_lib(x)
     if lib is not None:
         xc = x.detach().contiguous()
         unit, denom = torch.empty_like(xc), xc.new_empty(xc.shape[0], 1)
@@ -89,7 +83,7 @@ def normalize_rows_backward(grad: Tensor, unit: Tensor, denom: Tensor, passes: T
     ``(g − x̂ (x̂·g)) / ‖x‖`` where ``‖x‖ > eps``, else ``g / eps`` (the clamp passes no gradient).
     ``grad`` is overwritten (one C pass, ``dm_normalize_backward``, on CPU float32).
     """
-    lib = _native_lib(grad)
+    lib = native_lib(grad)
     if lib is not None and grad.is_contiguous() and unit.is_contiguous() and scale.numel() == 1:
         lib.dm_normalize_backward(grad.data_ptr(), unit.data_ptr(), denom.contiguous().data_ptr(),
                                   passes.contiguous().data_ptr(), grad.shape[0], grad.shape[1], float(scale))
@@ -162,6 +156,18 @@ class SimGrad(NamedTuple):
 
 
 Kernel = Callable[[Tensor, Tensor, bool, bool], tuple[Tensor, Optional[SimGrad]]]
+
+
+def symmetric_result(
+    grad: Tensor, total: float, denominator: float | None, need_grad: bool, dtype: torch.dtype
+) -> tuple[Tensor, Optional[SimGrad]]:
+    """What a native kernel returns: the value ``total / denominator`` and ``grad`` (``G + Gᵀ``) scaled
+    by ``1 / denominator``; ``denominator`` ``None`` (no positive pair in the batch) gives 0 and a
+    zero gradient."""
+    if denominator is None:
+        return torch.zeros((), dtype=dtype), (SimGrad(grad.zero_(), symmetric=True) if need_grad else None)
+    value = torch.tensor(total / denominator, dtype=dtype)
+    return value, (SimGrad(grad, 1.0 / denominator, symmetric=True) if need_grad else None)
 
 
 class FusedSimilarityLoss(torch.autograd.Function):

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from deepmetric._native import load
 
-__all__ = ["MAX_ELEMS", "pair_rows_lib", "int32_labels", "finalize", "ptr"]
+__all__ = ["MAX_ELEMS", "native_lib", "pair_rows_lib", "int32_labels", "finalize", "ptr"]
 
 #: Largest ``B·B`` on the native path (a ``(B, B)`` float32 matrix of 64 MiB, B = 4096).
 MAX_ELEMS = 1 << 24
@@ -34,16 +34,23 @@ MAX_ELEMS = 1 << 24
 _INT32 = (-(2**31), 2**31 - 1)
 
 
-def pair_rows_lib(x: Tensor) -> ctypes.CDLL | None:
-    """The ``pair_rows`` kernel library if the batch ``x`` (``(B, D)``) qualifies, else ``None``."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.shape[0] ** 2 > MAX_ELEMS:
+def native_lib(x: Tensor) -> ctypes.CDLL | None:
+    """The ``pair_rows`` kernel library for a CPU float32 ``(B, D)`` tensor, else ``None``."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2:
         return None
     return load("pair_rows")
 
 
+def pair_rows_lib(x: Tensor) -> ctypes.CDLL | None:
+    """:func:`native_lib` for a batch whose ``(B, B)`` matrix fits the native path (``B² <= MAX_ELEMS``)."""
+    return native_lib(x) if x.dim() == 2 and x.shape[0] ** 2 <= MAX_ELEMS else None
+
+
 def int32_labels(labels: Tensor) -> Tensor:
     """Contiguous int32 class ids with ``ids[i] == ids[j]`` iff ``labels[i] == labels[j]``: a cast when
-    the labels are integers within int32's range, else the dense ids of :func:`torch.unique`."""
+    the labels are integers within int32's range, else the dense ids of :func:`torch.unique`. (Not
+    dense in general, unlike :func:`deepmetric.miners._blocks.dense_labels`, whose ids index a counting
+    sort: these kernels only compare labels, and the cast avoids that function's sort.)"""
     if labels.dtype == torch.int32:
         return labels.contiguous()
     if labels.numel() and not labels.is_floating_point() and labels.dtype != torch.bool:

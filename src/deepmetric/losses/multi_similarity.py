@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from deepmetric.errors import ConfigError, DataError
-from deepmetric.losses._fused import SimGrad, fused_similarity_loss
+from deepmetric.losses._fused import SimGrad, fused_similarity_loss, symmetric_result
 from deepmetric.losses._native_rows import int32_labels, pair_rows_lib
 from deepmetric.losses._pairs import (
     BLOCK_ELEMS,
@@ -249,10 +249,7 @@ def _native_kernel(lib, lab: Tensor, *, alpha: float, beta: float, base: float, 
         lib.dm_ms_rows(grad.data_ptr(), batch, grad.stride(0), lab.data_ptr(), alpha, beta, base, fp.data_ptr(),
                        fn.data_ptr(), stats.data_ptr())
         total, positives = stats.tolist()
-        if positives == 0:
-            return unit.new_zeros(()), (SimGrad(grad.zero_(), symmetric=True) if need_grad else None)
-        value = torch.tensor(total / batch, dtype=unit.dtype)
-        return value, (SimGrad(grad, 1.0 / batch, symmetric=True) if need_grad else None)
+        return symmetric_result(grad, total, batch if positives else None, need_grad, unit.dtype)
 
     return kernel
 

@@ -9,7 +9,15 @@ from torch import Tensor, nn
 
 from deepmetric.errors import ConfigError
 from deepmetric.registry import LOSSES
-from deepmetric.losses._fused import LOG2E, LabelGroups, SimGrad, exp_limits, fused_similarity_loss, label_groups
+from deepmetric.losses._fused import (
+    LOG2E,
+    LabelGroups,
+    SimGrad,
+    exp_limits,
+    fused_similarity_loss,
+    label_groups,
+    symmetric_result,
+)
 from deepmetric.losses._native_rows import finalize, int32_labels, pair_rows_lib
 from deepmetric.losses._pairs import self_free_pair_masks as _pair_masks
 from deepmetric.tuples import Indices, check_inputs, zero_loss
@@ -175,12 +183,10 @@ def _native_kernel(lib, lab: Tensor, alpha: float, margin: float, temperature: f
         lib.dm_ranked_list_rows(sim.data_ptr(), batch, sim.stride(0), lab.data_ptr(), alpha, margin, temperature,
                                 negative_weight, fp.data_ptr(), fn.data_ptr(), stats.data_ptr())
         total, positives = stats.tolist()
-        if positives == 0:  # no positive pair in the batch: 0, as the torch paths
-            return unit.new_zeros(()), (SimGrad(sim.zero_(), symmetric=True) if need_grad else None)
-        value = torch.tensor(total / batch, dtype=unit.dtype)
-        if not need_grad:
-            return value, None
-        return value, SimGrad(finalize(lib, sim, lab, fp, fn, None), 1.0 / batch, symmetric=True)
+        if positives and need_grad:
+            finalize(lib, sim, lab, fp, fn, None)
+        # no positive pair in the batch: 0, as the torch paths
+        return symmetric_result(sim, total, batch if positives else None, need_grad, unit.dtype)
 
     return kernel
 

@@ -16,6 +16,7 @@ from deepmetric.losses._fused import (
     exp_limits,
     fused_similarity_loss,
     label_groups,
+    symmetric_result,
 )
 from deepmetric.losses._native_rows import finalize, int32_labels, pair_rows_lib
 from deepmetric.losses._pairs import self_free_pair_masks as _pair_masks
@@ -85,8 +86,9 @@ def _sup_con_loss(
 def _native_kernel(lib, lab: Tensor, inv_t: float):
     """Same set, label positives, in C. For ``τ >= 1/40``, ``|S/τ| <= 40``: the exponentials need no
     shift, so one GEMM scaled by ``1/τ`` and torch's vectorised ``exp`` give them all, and
-    ``dm_supcon_full`` turns them, row by row, into the loss and the symmetric gradient of both sides. Else ``dm_supcon_rows`` shifts each row by its maximum and ``dm_pair_finalize`` adds
-    the transposed rows. A batch without positives gives 0 and a zero gradient."""
+    ``dm_supcon_full`` turns them, row by row, into the loss and the symmetric gradient of both
+    sides. Else ``dm_supcon_rows`` shifts each row by its maximum and ``dm_pair_finalize`` adds the
+    transposed rows. A batch without positives gives 0 and a zero gradient."""
 
     def kernel(unit: Tensor, _ref: Tensor, need_grad: bool, _all_unit: bool) -> tuple[Tensor, SimGrad | None]:
         batch = unit.shape[0]
@@ -107,10 +109,8 @@ def _native_kernel(lib, lab: Tensor, inv_t: float):
                                cpos.data_ptr(), stats.data_ptr())
             if need_grad:
                 finalize(lib, grad, lab, factor, factor, cpos)
-        total, anchors = stats.tolist()[:2]
-        count = max(anchors, 1.0)
-        value = torch.tensor(total / count, dtype=unit.dtype)
-        return value, (SimGrad(grad, 1.0 / count, symmetric=True) if need_grad else None)
+        total, anchors = stats.tolist()[:2]  # (no anchor: total 0, every row factor 0)
+        return symmetric_result(grad, total, max(anchors, 1.0), need_grad, unit.dtype)
 
     return kernel
 
