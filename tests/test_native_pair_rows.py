@@ -111,12 +111,43 @@ def test_contrastive_native_without_positives_is_zero(native_calls):
 
 
 # ---------------------------------------------------------------------------------------- SupCon
-@pytest.mark.parametrize("b", [13, 37, 70])
+@pytest.mark.parametrize("b", [5, 8, 13, 37, 70])  # 5: fewer columns than a vector; 8, 13, ...: tails
 @pytest.mark.parametrize("temperature", [0.1, 0.5, 0.02])  # 0.02: per-row shifts (dm_supcon_rows)
 def test_sup_con_native_matches_reference(b, temperature, native_calls):
     x, labels = _batch(b, 3, seed=b)
     _check(SupConLoss(temperature), lambda e, y: ref_sup_con(e, y, temperature=temperature), x, labels,
            native_calls, rtol=2e-4)
+
+
+@pytest.fixture
+def generic_exp():
+    """``dm_force_generic``: the portable path of the upper-triangle exponentials on every CPU."""
+    lib = load("pair_rows")
+    lib.dm_force_generic(1)
+    yield lib
+    lib.dm_force_generic(0)
+
+
+@pytest.mark.parametrize("b", [6, 16, 37, 70])
+def test_sup_con_native_portable_exp_matches_reference(b, generic_exp, native_calls):
+    """The exponentials' portable path (CPUs without AVX2 and FMA) against the reference; on this
+    machine's CPU the same batches take the AVX2 path in the test above."""
+    x, labels = _batch(b, 4, seed=b + 1)
+    _check(SupConLoss(0.1), lambda e, y: ref_sup_con(e, y, temperature=0.1), x, labels, native_calls, rtol=2e-4)
+
+
+def test_int32_labels_keep_the_classes():
+    """int64 labels (beyond int32's range too) become dense int32 ids in C: equal ids exactly where the
+    labels are equal."""
+    gen = torch.Generator().manual_seed(7)
+    labels = torch.randint(-3, 4, (300,), generator=gen) * (2**40) + torch.randint(0, 5, (300,), generator=gen)
+    ids = native_rows.int32_labels(labels)
+    assert ids.dtype == torch.int32 and ids.is_contiguous()
+    assert torch.equal(ids.unsqueeze(0) == ids.unsqueeze(1), labels.unsqueeze(0) == labels.unsqueeze(1))
+    assert int(ids.min()) == 0 and int(ids.max()) == len(torch.unique(labels)) - 1
+    strided = labels[::2]  # not contiguous
+    assert torch.equal(native_rows.int32_labels(strided).unsqueeze(0) == native_rows.int32_labels(strided).unsqueeze(1),
+                       strided.unsqueeze(0) == strided.unsqueeze(1))
 
 
 def test_sup_con_native_rows_without_positives_and_zero_embedding(native_calls, monkeypatch):

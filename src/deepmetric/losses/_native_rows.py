@@ -26,7 +26,7 @@ from torch import Tensor
 
 from deepmetric._native import load
 
-__all__ = ["MAX_ELEMS", "native_lib", "pair_rows_lib", "int32_labels", "finalize", "ptr"]
+__all__ = ["MAX_ELEMS", "native_lib", "pair_rows_lib", "int32_labels", "upper_gram", "finalize", "ptr"]
 
 #: Largest ``B·B`` on the native path (a ``(B, B)`` float32 matrix of 64 MiB, B = 4096).
 MAX_ELEMS = 1 << 24
@@ -47,17 +47,36 @@ def pair_rows_lib(x: Tensor) -> ctypes.CDLL | None:
 
 
 def int32_labels(labels: Tensor) -> Tensor:
-    """Contiguous int32 class ids with ``ids[i] == ids[j]`` iff ``labels[i] == labels[j]``: a cast when
-    the labels are integers within int32's range, else the dense ids of :func:`torch.unique`. (Not
-    dense in general, unlike :func:`deepmetric.miners._blocks.dense_labels`, whose ids index a counting
-    sort: these kernels only compare labels, and the cast avoids that function's sort.)"""
+    """Contiguous int32 class ids with ``ids[i] == ids[j]`` iff ``labels[i] == labels[j]``: int32 labels
+    as they are, int64 ones made dense in one C pass (``dm_dense_labels``), other integers cast when
+    within int32's range, else the dense ids of :func:`torch.unique`. (Not dense in general, unlike
+    :func:`deepmetric.miners._blocks.dense_labels`, whose ids index a counting sort: these kernels only
+    compare labels.)"""
     if labels.dtype == torch.int32:
         return labels.contiguous()
+    if labels.dtype == torch.int64 and labels.device.type == "cpu" and labels.dim() == 1:
+        lib = load("pair_rows")
+        if lib is not None:
+            src = labels.contiguous()
+            ids = torch.empty(src.shape[0], dtype=torch.int32)
+            if lib.dm_dense_labels(src.data_ptr(), src.shape[0], ids.data_ptr()) >= 0:
+                return ids
     if labels.numel() and not labels.is_floating_point() and labels.dtype != torch.bool:
         lo, hi = torch.aminmax(labels)
         if int(lo) >= _INT32[0] and int(hi) <= _INT32[1]:
             return labels.to(torch.int32).contiguous()
     return torch.unique(labels, return_inverse=True)[1].to(torch.int32).contiguous()
+
+
+def upper_gram(x: Tensor) -> Tensor:
+    """``X Xᵀ`` of a contiguous ``(B, D)`` matrix where the kernels read it, on and above the diagonal:
+    two GEMMs (the top half of the rows, the bottom-right quarter) skip the lower-left quarter, which
+    is left uninitialised."""
+    batch, half = x.shape[0], x.shape[0] // 2
+    gram = x.new_empty(batch, batch)
+    torch.mm(x[:half], x.T, out=gram[:half])
+    torch.mm(x[half:], x[half:].T, out=gram[half:, half:])
+    return gram
 
 
 def ptr(t: Tensor | None) -> int | None:

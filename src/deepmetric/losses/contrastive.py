@@ -22,7 +22,7 @@ from deepmetric.losses._pairs import (
     reduce_terms,
     resolve_masks,
 )
-from deepmetric.losses._native_rows import finalize, int32_labels, pair_rows_lib
+from deepmetric.losses._native_rows import finalize, int32_labels, pair_rows_lib, upper_gram
 from deepmetric.registry import LOSSES
 from deepmetric.tuples import Indices, check_inputs, zero_loss
 
@@ -320,11 +320,8 @@ class _NativeContrastive(torch.autograd.Function):
     def forward(ctx, x: Tensor, lab: Tensor, lib, margin: float, pos_margin: float, squared: bool, kind: str,  # type: ignore[override]
                 reduction: str) -> Tensor:
         xd = x.detach().contiguous()
-        batch, half = xd.shape[0], xd.shape[0] // 2
-        # the kernel reads the upper triangle only: the lower-left quarter is not computed
-        gram = xd.new_empty(batch, batch)
-        torch.mm(xd[:half], xd.T, out=gram[:half])
-        torch.mm(xd[half:], xd[half:].T, out=gram[half:, half:])
+        batch = xd.shape[0]
+        gram = upper_gram(xd)  # the kernel reads the upper triangle only
         sq = gram.diagonal().clone()
         stats = torch.zeros(4, dtype=torch.float64)
         need = bool(ctx.needs_input_grad[0])

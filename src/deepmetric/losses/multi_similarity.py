@@ -1,6 +1,7 @@
 """Multi-similarity loss (Wang et al.) on cosine similarities of all or mined pairs."""
 from __future__ import annotations
 
+import ctypes
 import math
 from typing import ClassVar
 
@@ -8,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from deepmetric.errors import ConfigError, DataError
-from deepmetric.losses._fused import SimGrad, fused_similarity_loss, symmetric_result
+from deepmetric.losses._fused import native_gram_loss
 from deepmetric.losses._native_rows import int32_labels, pair_rows_lib
 from deepmetric.losses._pairs import (
     BLOCK_ELEMS,
@@ -207,7 +208,7 @@ def multi_similarity_loss(
                 embeddings.detach(), labels, ref.detach(), ref_lab)
     lib = pair_rows_lib(embeddings) if same_set and indices is None and beta <= _NATIVE_MAX_BETA else None
     if lib is not None:
-        return fused_similarity_loss(embeddings, None, _native_kernel(lib, int32_labels(labels), **common))
+        return native_gram_loss(embeddings, _native_kernel(lib, int32_labels(labels), **common))
     if indices is None:
         limit = int(_PAIR_LIST_FRACTION * batch * ref_size)
         pairs = label_positive_pairs(labels, None if same_set else ref_lab, max_pairs=limit)
@@ -236,22 +237,22 @@ _NATIVE_MAX_BETA = 80.0
 
 
 def _native_kernel(lib, lab: Tensor, *, alpha: float, beta: float, base: float, **_):
-    """Same set, label pairs, in C: one GEMM scaled by ``β`` and torch's vectorised ``exp`` give
-    ``E = e^{βS}``; ``dm_ms_rows`` adds the loss up (the positives' similarities read back as
-    ``log(E)/β``) and writes the symmetric gradient of both sides over ``E``, row by row. A batch
-    without positive pairs gives 0 and a zero gradient, as the blocked path."""
+    """Same set, label pairs, in C, for :func:`~deepmetric.losses._fused.native_gram_loss`: one GEMM
+    scaled by ``β`` and torch's vectorised ``exp`` give ``E = e^{βS}``; ``dm_ms_rows`` adds the loss
+    up (the positives' similarities read back as ``log(E)/β``) and writes the symmetric gradient of
+    both sides over ``E``, row by row. A batch without positive pairs gives 0 and a zero gradient,
+    as the blocked path."""
 
-    def kernel(unit: Tensor, _ref: Tensor, need_grad: bool, _all_unit: bool) -> tuple[Tensor, SimGrad | None]:
+    def run(unit: Tensor, _need_grad: bool) -> tuple[Tensor, float, float | None]:
         batch = unit.shape[0]
         grad = torch.addmm(unit.new_zeros(()), unit, unit.T, beta=0.0, alpha=beta).exp_()
         fp, fn = torch.empty(batch), torch.empty(batch)
-        stats = torch.zeros(2, dtype=torch.float64)
+        stats = (ctypes.c_double * 2)()
         lib.dm_ms_rows(grad.data_ptr(), batch, grad.stride(0), lab.data_ptr(), alpha, beta, base, fp.data_ptr(),
-                       fn.data_ptr(), stats.data_ptr())
-        total, positives = stats.tolist()
-        return symmetric_result(grad, total, batch if positives else None, need_grad, unit.dtype)
+                       fn.data_ptr(), ctypes.addressof(stats))
+        return grad, stats[0], float(batch) if stats[1] else None
 
-    return kernel
+    return run
 
 
 def _fused_mining(

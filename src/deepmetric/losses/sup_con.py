@@ -1,6 +1,7 @@
 """Supervised contrastive loss, L^sup_out (Khosla et al., NeurIPS 2020)."""
 from __future__ import annotations
 
+import ctypes
 from typing import Callable, ClassVar
 
 import torch
@@ -16,9 +17,9 @@ from deepmetric.losses._fused import (
     exp_limits,
     fused_similarity_loss,
     label_groups,
-    symmetric_result,
+    native_gram_loss,
 )
-from deepmetric.losses._native_rows import finalize, int32_labels, pair_rows_lib
+from deepmetric.losses._native_rows import finalize, int32_labels, pair_rows_lib, upper_gram
 from deepmetric.losses._pairs import self_free_pair_masks as _pair_masks
 from deepmetric.tuples import Indices, check_inputs, zero_loss
 
@@ -61,7 +62,7 @@ def _sup_con_loss(
     inv_t = 1.0 / temperature
     lib = pair_rows_lib(embeddings) if same_set and indices is None else None
     if lib is not None:
-        return fused_similarity_loss(embeddings, None, _native_kernel(lib, int32_labels(labels), inv_t), True, finite_check)
+        return native_gram_loss(embeddings, _native_kernel(lib, int32_labels(labels), inv_t), finite_check)
     groups = label_groups(labels) if same_set and indices is None else None
     if groups is None and finite_check is not None:
         finite_check()  # masks may raise too: keep the checks in their usual order
@@ -84,35 +85,33 @@ def _sup_con_loss(
 
 
 def _native_kernel(lib, lab: Tensor, inv_t: float):
-    """Same set, label positives, in C. For ``τ >= 1/40``, ``|S/τ| <= 40``: the exponentials need no
-    shift, so one GEMM scaled by ``1/τ`` and torch's vectorised ``exp`` give them all, and
-    ``dm_supcon_full`` turns them, row by row, into the loss and the symmetric gradient of both
-    sides. Else ``dm_supcon_rows`` shifts each row by its maximum and ``dm_pair_finalize`` adds the
-    transposed rows. A batch without positives gives 0 and a zero gradient."""
+    """Same set, label positives, in C, for :func:`~deepmetric.losses._fused.native_gram_loss`. For
+    ``τ >= 1/40``, ``|S/τ| <= 40``: the exponentials need no shift. ``dm_supcon_upper`` then takes
+    the upper triangle of ``S`` (:func:`upper_gram`: the GEMM skips the lower-left quarter), computes
+    ``e^{S/τ}`` once per unordered pair (AVX2 where the CPU has it), the loss and, in place, the
+    symmetric gradient of both sides. Else ``dm_supcon_rows`` shifts each row by its maximum and
+    ``dm_pair_finalize`` adds the transposed rows. A batch without positives gives 0 and a zero
+    gradient (every row factor is 0)."""
 
-    def kernel(unit: Tensor, _ref: Tensor, need_grad: bool, _all_unit: bool) -> tuple[Tensor, SimGrad | None]:
+    def run(unit: Tensor, need_grad: bool) -> tuple[Tensor, float, float]:
         batch = unit.shape[0]
-        factor, cpos = torch.empty(batch), torch.empty(batch)
-        stats = torch.zeros(3, dtype=torch.float64)
+        stats = (ctypes.c_double * 3)()
         if 2.0 * inv_t <= 80.0:
-            # S/τ (the GEMM's alpha), then e = exp(S/τ) in place
-            grad = torch.addmm(unit.new_zeros(()), unit, unit.T, beta=0.0, alpha=inv_t).exp_()
-            grad.diagonal().zero_()  # e_ii = e^{1/τ}, the largest entry, is not in A(i): not in the sums
-            rowsum = grad.sum(1)
-            lib.dm_supcon_full(grad.data_ptr(), batch, grad.stride(0), lab.data_ptr(), rowsum.data_ptr(), inv_t,
-                               factor.data_ptr(), cpos.data_ptr(), stats.data_ptr())
-            if float(stats[2]) < 0:
-                raise MemoryError("SupCon: could not allocate the kernel's class lists")
+            grad = upper_gram(unit)
+            lib.dm_supcon_upper(grad.data_ptr(), batch, grad.stride(0), lab.data_ptr(), inv_t, int(need_grad),
+                                ctypes.addressof(stats))
+            if stats[2] < 0:
+                raise MemoryError("SupCon: could not allocate the kernel's scratch")
         else:
+            factor, cpos = torch.empty(batch), torch.empty(batch)
             grad = unit @ unit.T
             lib.dm_supcon_rows(grad.data_ptr(), batch, grad.stride(0), lab.data_ptr(), inv_t, factor.data_ptr(),
-                               cpos.data_ptr(), stats.data_ptr())
+                               cpos.data_ptr(), ctypes.addressof(stats))
             if need_grad:
                 finalize(lib, grad, lab, factor, factor, cpos)
-        total, anchors = stats.tolist()[:2]  # (no anchor: total 0, every row factor 0)
-        return symmetric_result(grad, total, max(anchors, 1.0), need_grad, unit.dtype)
+        return grad, stats[0], max(stats[1], 1.0)
 
-    return kernel
+    return run
 
 
 def _label_kernel(groups: LabelGroups, has_pos: Tensor, inv_t: float):
