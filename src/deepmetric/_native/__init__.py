@@ -47,7 +47,7 @@ _SIGNATURES: dict[str, dict[str, tuple[list, object]]] = {
         "dm_pair_list_grad": ([_P, _P, _P, _I, _P, _I, _I, _P, _F], ctypes.c_int),
         "dm_supcon_rows": ([_P, _I, _I, _P, _F, _P, _P, _P], None),
         "dm_ms_rows": ([_P, _I, _I, _P, _F, _F, _F, _P, _P, _P], None),
-        "dm_supcon_upper": ([_P, _I, _I, _P, _F, _I, _P], None),
+        "dm_supcon_upper": ([_P, _I, _I, _P, _P, _I, _F, _I, _P], None),
         "dm_dense_labels": ([_P, _I, _P], _I),
         "dm_force_generic": ([_I], _I),
         "dm_ranked_list_rows": ([_P, _I, _I, _P, _F, _F, _F, _F, _P, _P, _P], None),

@@ -468,13 +468,7 @@ static int64_t* label_groups(const int32_t* lab, int64_t n, int64_t** start, int
     *order = ord;
     return group;
 }
-/* log e for a positive normal float, as (mantissa in [0.5, 1), binary exponent): exact parts. */
-static inline float log_parts(float e, int64_t* exponent) {
-    union { float f; uint32_t u; } v = {e};
-    *exponent += (int64_t)((v.u >> 23) & 0xFF) - 126;
-    v.u = (v.u & 0x807FFFFFu) | 0x3F000000u;
-    return v.f;
-}
+
 /* ------------------------------------------------------------ exponentials of the upper triangle */
 /* 8-lane vectors: one AVX2 instruction each where the CPU has AVX2 and FMA (checked at run time on
    x86-64, see exp_upper), two SSE instructions (or the target's equivalent) elsewhere. Functions
@@ -570,42 +564,53 @@ static void exp_upper(float* M, int64_t n, int64_t ld, float scale, float* row, 
     exp_upper_body(M, n, ld, scale, row, col);
 }
 
-/* SupCon from the upper triangle of S = Z Z^T (unit rows; the lower triangle is not read), for
-   |S/t| <= 40 (t >= 1/40: no shift needed, nothing overflows or underflows). With e_ij = exp(S_ij/t)
-   computed once per unordered pair (exp_upper), row i with |P(i)| > 0 has
-     den_i = sum_{j != i} e_ij,  l_i = log den_i - (1/|P(i)|) sum_{P(i)} log e_ij,
+/* SupCon from the upper triangle of S = U U^T (U: the n x d unit rows; the lower triangle of M is not
+   read), for |S/t| <= 40 (t >= 1/40: no shift needed, nothing overflows or underflows). With
+   e_ij = exp(S_ij/t) computed once per unordered pair (exp_upper), row i with |P(i)| > 0 has
+     den_i = sum_{j != i} e_ij,  l_i = log den_i - (1/(t |P(i)|)) sum_{P(i)} S_ij,
    and dl_i/dS_ij = f_i e_ij + [j in P(i)] c_i with f_i = 1/(t den_i), c_i = -1/(t |P(i)|) (both 0 for
    rows without positives). With `grad`, M is overwritten with the gradient of both sides,
      W_ij = W_ji = e_ij (f_i + f_j) + [lab_i = lab_j] (c_i + c_j),  W_ii = 0
-   (dm_pair_finalize's upper mode). The positives' log-sum is one log per row, of a renormalised
-   product of their e. stats[0] += sum_i l_i, stats[1] += #{i : |P(i)| > 0}; stats[2] = -1 if the
-   scratch (class lists, row factors) could not be allocated (nothing else is done then). */
-void dm_supcon_upper(float* M, int64_t n, int64_t ld, const int32_t* lab, float inv_t, int64_t grad,
-                     double* stats) {
+   (dm_pair_finalize's upper mode). The positives' similarities are summed as u_i . (sum of i's class
+   - u_i), O(n d), instead of reading |P(i)| scattered entries of M per row. stats[0] += sum_i l_i,
+   stats[1] += #{i : |P(i)| > 0}; stats[2] = -1 if the scratch (class lists, row factors) could not be
+   allocated (nothing else is done then). */
+void dm_supcon_upper(float* M, int64_t n, int64_t ld, const int32_t* lab, const float* U, int64_t d, float inv_t,
+                     int64_t grad, double* stats) {
     int64_t *start, *order;
     int64_t* group = label_groups(lab, n, &start, &order);
-    float* f = malloc((size_t)(2 * n + 1) * sizeof(float));
+    float* f = malloc((size_t)(3 * n + d + 1) * sizeof(float));
     if (!group || !f) {
         free(group), free(f);
         stats[2] = -1.0;
         return;
     }
-    float* c = f + n;
+    float *c = f + n, *pos = f + 2 * n, *sum = f + 3 * n;
+    for (int64_t t = 0; t < n;) { /* pos[i] = sum_{P(i)} S_ij, class by class */
+        const int64_t t1 = start[group[order[t]] + 1];
+        memset(sum, 0, (size_t)d * sizeof(float));
+        for (int64_t q = t; q < t1; q++)
+            for (int64_t k = 0; k < d; k++) sum[k] += U[order[q] * d + k];
+        for (int64_t q = t; q < t1; q++) {
+            const float* u = U + order[q] * d;
+            v4f vacc = vset(0.0f);
+            int64_t k = 0;
+            for (; k + 4 <= d; k += 4) vacc += vload(u + k) * (vload(sum + k) - vload(u + k));
+            float acc = hsum(vacc);
+            for (; k < d; k++) acc += u[k] * (sum[k] - u[k]);
+            pos[order[q]] = acc;
+        }
+        t = t1;
+    }
     exp_upper(M, n, ld, inv_t, f, c); /* f: the sums right of the diagonal, c: those above it */
     for (int64_t i = 0; i < n; i++) {
-        const int64_t p0 = start[group[i]], p1 = start[group[i] + 1], np = p1 - p0 - 1;
+        const int64_t np = start[group[i] + 1] - start[group[i]] - 1;
         const double den = (double)f[i] + (double)c[i];
         if (np == 0 || !(den > 0.0)) {
             f[i] = c[i] = 0.0f;
             continue;
         }
-        float prod = 1.0f;
-        int64_t exponent = 0;
-        for (int64_t t = p0; t < p1; t++) {
-            const int64_t p = order[t];
-            if (p != i) prod = log_parts(prod * log_parts(p > i ? M[i * ld + p] : M[p * ld + i], &exponent), &exponent);
-        }
-        stats[0] += log(den) - (log((double)prod) + 0.6931471805599453 * (double)exponent) / (double)np;
+        stats[0] += log(den) - (double)inv_t * (double)pos[i] / (double)np;
         stats[1] += 1.0;
         f[i] = (float)(inv_t / den);
         c[i] = (float)(-inv_t / (double)np);

@@ -98,8 +98,8 @@ def _native_kernel(lib, lab: Tensor, inv_t: float):
         stats = (ctypes.c_double * 3)()
         if 2.0 * inv_t <= 80.0:
             grad = upper_gram(unit)
-            lib.dm_supcon_upper(grad.data_ptr(), batch, grad.stride(0), lab.data_ptr(), inv_t, int(need_grad),
-                                ctypes.addressof(stats))
+            lib.dm_supcon_upper(grad.data_ptr(), batch, grad.stride(0), lab.data_ptr(), unit.data_ptr(), unit.shape[1],
+                                inv_t, int(need_grad), ctypes.addressof(stats))
             if stats[2] < 0:
                 raise MemoryError("SupCon: could not allocate the kernel's scratch")
         else:
