@@ -1,18 +1,19 @@
 /* Kernels of the pair-matrix losses of a batch against itself (deepmetric.losses._native_rows):
-   contrastive, SupCon and ranked list.
+   contrastive, SupCon, multi-similarity and ranked list.
 
    Each loss kernel gets the batch's n x n matrix M = X X^T (row-major, from the caller's GEMM; for
-   SupCon already exponentiated) and the batch's labels as int32 class ids. It adds the loss up and
-   overwrites M with the gradient of the terms with respect to M, or with that gradient up to
-   per-row factors it writes alongside (contrastive: on the upper triangle only, each unordered pair
-   once; the caller computes only that part of M). dm_pair_finalize turns the latter into the
-   symmetric gradient of both sides of S = X X^T, W = g + g^T, so the caller's backward is one GEMM
-   (dL/dX = W X) instead of two; dm_pair_list_grad is the backward from a list of the few pairs
-   that have a gradient.
+   multi-similarity already exponentiated; for contrastive and SupCon the upper triangle only) and
+   the batch's labels as int32 class ids. It adds the loss up and overwrites M with the gradient of
+   the terms with respect to M, or with that gradient up to per-row factors it writes alongside
+   (contrastive: on the upper triangle only, each unordered pair once). dm_pair_finalize turns the
+   latter into the symmetric gradient of both sides of S = X X^T, W = g + g^T, so the caller's
+   backward is one GEMM (dL/dX = W X) instead of two; dm_pair_list_grad is the backward from a list
+   of the few pairs that have a gradient.
 
    Single-threaded: on the 2-vCPU machines this was measured on, a second thread gained nothing
    and slowed down while the BLAS threads spin after their GEMM. Vector code uses portable 4-wide
-   GNU vector types (no -march flag needed); exp is a polynomial (Cephes expf's coefficients,
+   GNU vector types (no -march flag needed), except SupCon's exponentials (exp_upper: 8 lanes, an
+   AVX2 + FMA instance chosen at run time); exp is a polynomial (Cephes expf's coefficients,
    relative error ~2 ulp on [-87, 88]) whose lanes outside a row's set are masked to exactly 0.
    Inputs must be finite (the callers check). Self pairs (j == i) are never terms. */
 #include <math.h>

@@ -6,13 +6,15 @@ of a dozen torch operations over the whole matrix — adds the loss up and write
 
 * contrastive: ``X Xᵀ``'s upper triangle (the lower-left quarter is never computed); the few pairs
   with a gradient are also listed, and the backward works from that list when it is short;
-* SupCon (``τ >= 1/40``): ``exp(S/τ)`` (torch's vectorised ``exp``) in, the symmetric gradient of
-  both sides of ``S = X̂ X̂ᵀ`` out, so the backward is one GEMM instead of two;
+* SupCon (``τ >= 1/40``): the upper triangle of ``S = X̂ X̂ᵀ`` (:func:`upper_gram`) in, ``exp(S/τ)``
+  once per unordered pair (8-lane AVX2 + FMA where the CPU has them, a portable path elsewhere),
+  the symmetric gradient of both sides out, so the backward is one GEMM instead of two;
+* multi-similarity: ``exp(βS)`` (torch's vectorised ``exp``) in, the symmetric gradient out;
 * ranked list (and SupCon at smaller ``τ``): the rows' gradients up to per-row factors, which
   :func:`finalize` turns into ``g + gᵀ`` in place (one GEMM in the backward too).
 
-The fused similarity losses' row normalisation runs in the same library
-(:mod:`deepmetric.losses._fused`). Used only where it applies: CPU float32, the batch against itself
+SupCon and multi-similarity run through :class:`~deepmetric.losses._fused.NativeGramLoss`; the
+fused similarity losses' row normalisation runs in the same library (:mod:`deepmetric.losses._fused`). Used only where it applies: CPU float32, the batch against itself
 with label-defined pairs, at most :data:`MAX_ELEMS` matrix entries (one ``(B, B)`` float32 buffer,
 64 MiB), and the kernels built (:func:`deepmetric._native.load`; ``DEEPMETRIC_NATIVE=0`` turns them
 off). Elsewhere the losses use their blocked torch paths, which the tests compare against.
