@@ -41,6 +41,16 @@ def native_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def generic_path():
+    """``dm_force_generic``: the portable paths (SupCon's exponentials, the upper-mode finalize) on
+    every CPU."""
+    lib = load("pair_rows")
+    lib.dm_force_generic(1)
+    yield lib
+    lib.dm_force_generic(0)
+
+
 def _value_grad(fn, x):
     e = x.detach().clone().requires_grad_(True)
     value = fn(e)
@@ -85,11 +95,19 @@ def test_contrastive_native_matches_reference(b, params, scale, native_calls):
     _check(loss, lambda e, y: ref_contrastive(e, y, metric=metric, **ref_params), x, labels, native_calls)
 
 
+@pytest.mark.parametrize("portable", [False, True])
 @pytest.mark.parametrize("spread", ["sparse", "dense"])
-def test_contrastive_native_backward_paths_match_torch_path(spread, native_calls, monkeypatch):
+def test_contrastive_native_backward_paths_match_torch_path(spread, portable, native_calls, monkeypatch, request):
     """Few pairs with a gradient (pairs of a class, negatives beyond the margin): the pair-list
-    backward; many (everything within the margin): the mirrored matrix and one GEMM."""
-    x, labels = _batch(64, 2, d=32, normalize=True, seed=5)
+    backward; many (everything within the margin): the mirrored matrix (8 x 8 AVX2 blocks, or the
+    portable 4 x 4 ones) and one GEMM. 61 rows: tails past the last multiple of 8 and of 4."""
+    if portable:
+        request.getfixturevalue("generic_path")
+    _contrastive_backward_case(spread, native_calls, monkeypatch)
+
+
+def _contrastive_backward_case(spread, native_calls, monkeypatch):
+    x, labels = _batch(61, 2, d=32, normalize=True, seed=5)
     if spread == "dense":
         x = x * 0.2
     loss = ContrastiveLoss(margin=1.0, squared=False, reduction="mean_nonzero")
@@ -119,19 +137,10 @@ def test_sup_con_native_matches_reference(b, temperature, native_calls):
            native_calls, rtol=2e-4)
 
 
-@pytest.fixture
-def generic_exp():
-    """``dm_force_generic``: the portable path of the upper-triangle exponentials on every CPU."""
-    lib = load("pair_rows")
-    lib.dm_force_generic(1)
-    yield lib
-    lib.dm_force_generic(0)
-
-
 @pytest.mark.parametrize("b", [6, 16, 37, 70])
-def test_sup_con_native_portable_exp_matches_reference(b, generic_exp, native_calls):
-    """The exponentials' portable path (CPUs without AVX2 and FMA) against the reference; on this
-    machine's CPU the same batches take the AVX2 path in the test above."""
+def test_sup_con_native_portable_path_matches_reference(b, generic_path, native_calls):
+    """The portable paths (CPUs without AVX2 and FMA) against the reference; on a CPU with them the
+    same kind of batches take the AVX2 paths in the test above."""
     x, labels = _batch(b, 4, seed=b + 1)
     _check(SupConLoss(0.1), lambda e, y: ref_sup_con(e, y, temperature=0.1), x, labels, native_calls, rtol=2e-4)
 

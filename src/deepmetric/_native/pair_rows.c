@@ -180,6 +180,27 @@ void dm_normalize_backward(float* G, const float* U, const float* den, const uin
     }
 }
 
+/* ------------------------------------------------------------------------------ CPU features */
+static int64_t generic_only = 0;
+/* Whether the AVX2 + FMA instances (SupCon's exponentials, the upper-mode finalize) are used: compiled
+   in (x86-64, GCC or clang), the CPU has both, and the tests have not turned them off. */
+static int cpu_has_avx2(void) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    return !generic_only && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+/* Tests: 1 makes every kernel take its portable path on every CPU (0: AVX2 where the CPU has it).
+   Returns 1 if the AVX2 path is compiled in and this CPU has AVX2 and FMA. */
+int64_t dm_force_generic(int64_t on) {
+    generic_only = 0;
+    const int64_t available = cpu_has_avx2();
+    generic_only = on;
+    return available;
+}
+
 /* ------------------------------------------------------------------------------- symmetric step */
 /* Turns the row kernels' output q (rows of the ordered-pair gradient up to per-row factors) into the
    symmetric gradient W = g + g^T, where g_ij = q_ij f_i + [lab_i = lab_j] c_i for j != i, with
@@ -291,9 +312,82 @@ FINALIZE_INSTANCE(1, 0, 0)
 FINALIZE_INSTANCE(1, 0, 1)
 FINALIZE_INSTANCE(1, 1, 0)
 FINALIZE_INSTANCE(1, 1, 1)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define DM_AVX2 __attribute__((target("avx2,fma")))
+/* AVX2 upper mode: 8 x 8 blocks, transposed in registers (the 4 x 4 path's mirror stores touch half as
+   many bytes of a cache line each). Rows and columns past the last multiple of 8, and the diagonal
+   blocks, pair by pair. */
+static inline DM_AVX2 void transpose8(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int k = 0; k < 4; k++) {
+        t[2 * k] = _mm256_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm256_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+    }
+    for (int k = 0; k < 2; k++) {
+        u[4 * k] = _mm256_shuffle_ps(t[4 * k], t[4 * k + 2], 0x44);
+        u[4 * k + 1] = _mm256_shuffle_ps(t[4 * k], t[4 * k + 2], 0xEE);
+        u[4 * k + 2] = _mm256_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0x44);
+        u[4 * k + 3] = _mm256_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0xEE);
+    }
+    for (int k = 0; k < 4; k++) {
+        r[k] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x20);
+        r[k + 4] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x31);
+    }
+}
+static inline __attribute__((always_inline)) DM_AVX2 void finalize_block8(const finalize_args* a, int64_t i0,
+                                                                          int64_t j0, const int has_f,
+                                                                          const int has_c) {
+    float* M = a->M;
+    const int64_t ld = a->ld;
+    const __m256i lj = _mm256_loadu_si256((const __m256i*)(a->lab + j0));
+    const __m256 one = _mm256_set1_ps(1.0f);
+    const __m256 fpj = has_f ? _mm256_loadu_ps(a->fp + j0) : one, fnj = has_f ? _mm256_loadu_ps(a->fn + j0) : one;
+    const __m256 cj = has_c ? _mm256_loadu_ps(a->cpos + j0) : _mm256_setzero_ps();
+    __m256 v[8];
+    for (int r = 0; r < 8; r++) {
+        const int64_t i = i0 + r;
+        const __m256 same = _mm256_castsi256_ps(_mm256_cmpeq_epi32(lj, _mm256_set1_epi32(a->lab[i])));
+        const __m256 fi = has_f ? _mm256_blendv_ps(_mm256_set1_ps(a->fn[i]), _mm256_set1_ps(a->fp[i]), same) : one;
+        const __m256 fj = _mm256_blendv_ps(fnj, fpj, same);
+        __m256 w = _mm256_mul_ps(_mm256_loadu_ps(M + i * ld + j0), _mm256_add_ps(fi, fj));
+        if (has_c) w = _mm256_add_ps(w, _mm256_and_ps(same, _mm256_add_ps(_mm256_set1_ps(a->cpos[i]), cj)));
+        _mm256_storeu_ps(M + i * ld + j0, w);
+        v[r] = w;
+    }
+    transpose8(v);
+    for (int c = 0; c < 8; c++) _mm256_storeu_ps(M + (j0 + c) * ld + i0, v[c]);
+}
+static inline __attribute__((always_inline)) DM_AVX2 void finalize_upper8_body(const finalize_args* a, const int has_f,
+                                                                               const int has_c) {
+    const int64_t n = a->n, n8 = n & ~(int64_t)7;
+    for (int64_t i0 = 0; i0 < n; i0 += 8) {
+        const int64_t i1 = i0 + 8 < n ? i0 + 8 : n;
+        for (int64_t i = i0; i < i1; i++) {
+            a->M[i * a->ld + i] = 0.0f;
+            for (int64_t j = i + 1; j < i1; j++) finalize_pair(a, i, j, 1, has_f, has_c);
+            for (int64_t j = (n8 > i1 ? n8 : i1); j < n; j++) finalize_pair(a, i, j, 1, has_f, has_c);
+        }
+        if (i1 - i0 == 8)
+            for (int64_t j0 = i0 + 8; j0 < n8; j0 += 8) finalize_block8(a, i0, j0, has_f, has_c);
+    }
+}
+static DM_AVX2 void finalize_upper8_00(const finalize_args* a) { finalize_upper8_body(a, 0, 0); }
+static DM_AVX2 void finalize_upper8_01(const finalize_args* a) { finalize_upper8_body(a, 0, 1); }
+static DM_AVX2 void finalize_upper8_10(const finalize_args* a) { finalize_upper8_body(a, 1, 0); }
+static DM_AVX2 void finalize_upper8_11(const finalize_args* a) { finalize_upper8_body(a, 1, 1); }
+#endif
 static void finalize_rows(const finalize_args* a) {
     static void (*const instance[8])(const finalize_args*) = {finalize_000, finalize_001, finalize_010, finalize_011,
                                                                finalize_100, finalize_101, finalize_110, finalize_111};
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    static void (*const upper8[4])(const finalize_args*) = {finalize_upper8_00, finalize_upper8_01, finalize_upper8_10,
+                                                            finalize_upper8_11};
+    if (a->upper && cpu_has_avx2()) {
+        upper8[(a->fp ? 2 : 0) + (a->cpos ? 1 : 0)](a);
+        return;
+    }
+#endif
     instance[(a->upper ? 4 : 0) + (a->fp ? 2 : 0) + (a->cpos ? 1 : 0)](a);
 }
 void dm_pair_finalize(float* M, int64_t n, int64_t ld, const int32_t* lab, const float* fp, const float* fn,
@@ -542,22 +636,9 @@ __attribute__((target("avx2,fma"))) static void exp_upper_avx2(float* M, int64_t
     exp_upper_body(M, n, ld, scale, row, col);
 }
 #endif
-static int64_t generic_only = 0;
-/* Tests: 1 makes exp_upper take its portable path on every CPU (0: AVX2 where the CPU has it).
-   Returns 1 if the AVX2 path is compiled in and this CPU has AVX2 and FMA. */
-int64_t dm_force_generic(int64_t on) {
-    generic_only = on;
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    return 0;
-#endif
-}
 static void exp_upper(float* M, int64_t n, int64_t ld, float scale, float* row, float* col) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    __builtin_cpu_init();
-    if (!generic_only && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    if (cpu_has_avx2()) {
         exp_upper_avx2(M, n, ld, scale, row, col);
         return;
     }
