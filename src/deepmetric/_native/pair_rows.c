@@ -315,9 +315,9 @@ FINALIZE_INSTANCE(1, 1, 1)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define DM_AVX2 __attribute__((target("avx2,fma")))
-/* AVX2 upper mode: 8 x 8 blocks, transposed in registers (the 4 x 4 path's mirror stores touch half as
-   many bytes of a cache line each). Rows and columns past the last multiple of 8, and the diagonal
-   blocks, pair by pair. */
+/* AVX2: 8 x 8 blocks, transposed in registers (the 4 x 4 path's mirror-image loads and stores touch
+   half as many bytes of a cache line each). Rows and columns past the last multiple of 8, and the
+   diagonal blocks, pair by pair. */
 static inline DM_AVX2 void transpose8(__m256 r[8]) {
     __m256 t[8], u[8];
     for (int k = 0; k < 4; k++) {
@@ -336,21 +336,26 @@ static inline DM_AVX2 void transpose8(__m256 r[8]) {
     }
 }
 static inline __attribute__((always_inline)) DM_AVX2 void finalize_block8(const finalize_args* a, int64_t i0,
-                                                                          int64_t j0, const int has_f,
-                                                                          const int has_c) {
+                                                                          int64_t j0, const int upper,
+                                                                          const int has_f, const int has_c) {
     float* M = a->M;
     const int64_t ld = a->ld;
     const __m256i lj = _mm256_loadu_si256((const __m256i*)(a->lab + j0));
     const __m256 one = _mm256_set1_ps(1.0f);
     const __m256 fpj = has_f ? _mm256_loadu_ps(a->fp + j0) : one, fnj = has_f ? _mm256_loadu_ps(a->fn + j0) : one;
     const __m256 cj = has_c ? _mm256_loadu_ps(a->cpos + j0) : _mm256_setzero_ps();
-    __m256 v[8];
+    __m256 v[8], t[8];
+    if (!upper) {
+        for (int c = 0; c < 8; c++) t[c] = _mm256_loadu_ps(M + (j0 + c) * ld + i0);
+        transpose8(t); /* t[r] = q_{j0.., i0 + r} */
+    }
     for (int r = 0; r < 8; r++) {
         const int64_t i = i0 + r;
         const __m256 same = _mm256_castsi256_ps(_mm256_cmpeq_epi32(lj, _mm256_set1_epi32(a->lab[i])));
         const __m256 fi = has_f ? _mm256_blendv_ps(_mm256_set1_ps(a->fn[i]), _mm256_set1_ps(a->fp[i]), same) : one;
         const __m256 fj = _mm256_blendv_ps(fnj, fpj, same);
-        __m256 w = _mm256_mul_ps(_mm256_loadu_ps(M + i * ld + j0), _mm256_add_ps(fi, fj));
+        const __m256 q = _mm256_loadu_ps(M + i * ld + j0);
+        __m256 w = upper ? _mm256_mul_ps(q, _mm256_add_ps(fi, fj)) : _mm256_fmadd_ps(q, fi, _mm256_mul_ps(t[r], fj));
         if (has_c) w = _mm256_add_ps(w, _mm256_and_ps(same, _mm256_add_ps(_mm256_set1_ps(a->cpos[i]), cj)));
         _mm256_storeu_ps(M + i * ld + j0, w);
         v[r] = w;
@@ -358,33 +363,40 @@ static inline __attribute__((always_inline)) DM_AVX2 void finalize_block8(const 
     transpose8(v);
     for (int c = 0; c < 8; c++) _mm256_storeu_ps(M + (j0 + c) * ld + i0, v[c]);
 }
-static inline __attribute__((always_inline)) DM_AVX2 void finalize_upper8_body(const finalize_args* a, const int has_f,
-                                                                               const int has_c) {
+static inline __attribute__((always_inline)) DM_AVX2 void finalize8_body(const finalize_args* a, const int upper,
+                                                                        const int has_f, const int has_c) {
     const int64_t n = a->n, n8 = n & ~(int64_t)7;
     for (int64_t i0 = 0; i0 < n; i0 += 8) {
         const int64_t i1 = i0 + 8 < n ? i0 + 8 : n;
         for (int64_t i = i0; i < i1; i++) {
             a->M[i * a->ld + i] = 0.0f;
-            for (int64_t j = i + 1; j < i1; j++) finalize_pair(a, i, j, 1, has_f, has_c);
-            for (int64_t j = (n8 > i1 ? n8 : i1); j < n; j++) finalize_pair(a, i, j, 1, has_f, has_c);
+            for (int64_t j = i + 1; j < i1; j++) finalize_pair(a, i, j, upper, has_f, has_c);
+            for (int64_t j = (n8 > i1 ? n8 : i1); j < n; j++) finalize_pair(a, i, j, upper, has_f, has_c);
         }
         if (i1 - i0 == 8)
-            for (int64_t j0 = i0 + 8; j0 < n8; j0 += 8) finalize_block8(a, i0, j0, has_f, has_c);
+            for (int64_t j0 = i0 + 8; j0 < n8; j0 += 8) finalize_block8(a, i0, j0, upper, has_f, has_c);
     }
 }
-static DM_AVX2 void finalize_upper8_00(const finalize_args* a) { finalize_upper8_body(a, 0, 0); }
-static DM_AVX2 void finalize_upper8_01(const finalize_args* a) { finalize_upper8_body(a, 0, 1); }
-static DM_AVX2 void finalize_upper8_10(const finalize_args* a) { finalize_upper8_body(a, 1, 0); }
-static DM_AVX2 void finalize_upper8_11(const finalize_args* a) { finalize_upper8_body(a, 1, 1); }
+#define FINALIZE8_INSTANCE(U, F, C) \
+    static DM_AVX2 void finalize8_##U##F##C(const finalize_args* a) { finalize8_body(a, U, F, C); }
+FINALIZE8_INSTANCE(0, 0, 0)
+FINALIZE8_INSTANCE(0, 0, 1)
+FINALIZE8_INSTANCE(0, 1, 0)
+FINALIZE8_INSTANCE(0, 1, 1)
+FINALIZE8_INSTANCE(1, 0, 0)
+FINALIZE8_INSTANCE(1, 0, 1)
+FINALIZE8_INSTANCE(1, 1, 0)
+FINALIZE8_INSTANCE(1, 1, 1)
 #endif
 static void finalize_rows(const finalize_args* a) {
     static void (*const instance[8])(const finalize_args*) = {finalize_000, finalize_001, finalize_010, finalize_011,
                                                                finalize_100, finalize_101, finalize_110, finalize_111};
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    static void (*const upper8[4])(const finalize_args*) = {finalize_upper8_00, finalize_upper8_01, finalize_upper8_10,
-                                                            finalize_upper8_11};
-    if (a->upper && cpu_has_avx2()) {
-        upper8[(a->fp ? 2 : 0) + (a->cpos ? 1 : 0)](a);
+    static void (*const instance8[8])(const finalize_args*) = {finalize8_000, finalize8_001, finalize8_010,
+                                                               finalize8_011, finalize8_100, finalize8_101,
+                                                               finalize8_110, finalize8_111};
+    if (cpu_has_avx2()) {
+        instance8[(a->upper ? 4 : 0) + (a->fp ? 2 : 0) + (a->cpos ? 1 : 0)](a);
         return;
     }
 #endif
@@ -600,9 +612,9 @@ INLINE void exp_block8(float* s, float* col, int64_t jb, int64_t lo, v8f vs, v8f
     *(v8f_u*)(col + jb) += e;
     *acc += e;
 }
-/* M_ij <- exp(scale M_ij) for j > i (the rest of M is neither read nor written), row[i] = the sum of
-   row i's new entries, col[j] = that of column j's. Row i starts at the 8-block holding column i + 1
-   (aligned when the rows are), its first and last blocks masked. */
+/* M_ij <- exp(scale M_ij) for j > i (nothing else is written; the masked lanes of a row's first and
+   last blocks are read and discarded), row[i] = the sum of row i's new entries, col[j] = that of
+   column j's. Row i starts at the 8-block holding column i + 1 (aligned when the rows are). */
 INLINE void exp_upper_body(float* M, int64_t n, int64_t ld, float scale, float* row, float* col) {
     memset(col, 0, (size_t)n * sizeof(float));
     const v8f vs = V8(scale);
