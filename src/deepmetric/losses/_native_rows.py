@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from deepmetric._native import load
+from deepmetric._native.labels import dense_label_ids
 
 __all__ = ["MAX_ELEMS", "native_lib", "pair_rows_lib", "int32_labels", "upper_gram", "finalize", "ptr"]
 
@@ -50,19 +51,15 @@ def pair_rows_lib(x: Tensor) -> ctypes.CDLL | None:
 
 def int32_labels(labels: Tensor) -> Tensor:
     """Contiguous int32 class ids with ``ids[i] == ids[j]`` iff ``labels[i] == labels[j]``: int32 labels
-    as they are, int64 ones made dense in one C pass (``dm_dense_labels``), other integers cast when
+    as they are, int64 ones made dense in one C pass (:func:`dense_label_ids`), other integers cast when
     within int32's range, else the dense ids of :func:`torch.unique`. (Not dense in general, unlike
     :func:`deepmetric.miners._blocks.dense_labels`, whose ids index a counting sort: these kernels only
     compare labels.)"""
     if labels.dtype == torch.int32:
         return labels.contiguous()
-    if labels.dtype == torch.int64 and labels.device.type == "cpu" and labels.dim() == 1:
-        lib = load("pair_rows")
-        if lib is not None:
-            src = labels.contiguous()
-            ids = torch.empty(src.shape[0], dtype=torch.int32)
-            if lib.dm_dense_labels(src.data_ptr(), src.shape[0], ids.data_ptr()) >= 0:
-                return ids
+    dense = dense_label_ids(labels)
+    if dense is not None:
+        return dense[0]
     if labels.numel() and not labels.is_floating_point() and labels.dtype != torch.bool:
         lo, hi = torch.aminmax(labels)
         if int(lo) >= _INT32[0] and int(hi) <= _INT32[1]:

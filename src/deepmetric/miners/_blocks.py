@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from deepmetric._native.labels import dense_label_ids
+
 __all__ = [
     "BLOCK_ELEMENTS",
     "FAST_DISTANCES",
@@ -193,13 +195,19 @@ class Operands:
         return grad.mul_(passes)
 
 
-def dense_labels(labels: Tensor, ref_labels: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Labels (and reference labels) as dense int32 class ids (equal labels ↔ equal ids)."""
+def dense_labels(labels: Tensor, ref_labels: Tensor | None) -> tuple[Tensor, Tensor, int]:
+    """Labels (and reference labels) as dense int32 class ids (equal labels ↔ equal ids, in
+    ``[0, classes)``) and the number of classes: one C pass for int64 CPU labels
+    (:func:`~deepmetric._native.labels.dense_label_ids`), else :func:`torch.unique`."""
     both = labels if ref_labels is None else torch.cat([labels, ref_labels])
-    _, inverse = torch.unique(both, return_inverse=True)
-    inverse = inverse.to(torch.int32)
+    dense = dense_label_ids(both)
+    if dense is not None:
+        inverse, classes = dense
+    else:
+        uniq, inverse = torch.unique(both, return_inverse=True)
+        inverse, classes = inverse.to(torch.int32), uniq.numel()
     batch = labels.shape[0]
-    return inverse[:batch], (inverse if ref_labels is None else inverse[batch:])
+    return inverse[:batch], (inverse if ref_labels is None else inverse[batch:]), classes
 
 
 class LabelGroups:
@@ -214,7 +222,7 @@ class LabelGroups:
     """
 
     def __init__(self, labels: Tensor, ref_labels: Tensor, same_set: bool) -> None:
-        lab, ref_lab = dense_labels(labels, None if same_set else ref_labels)
+        lab, ref_lab, _ = dense_labels(labels, None if same_set else ref_labels)
         batch, ref_size = lab.shape[0], ref_lab.shape[0]
         self.ref_size = ref_size
         device = lab.device

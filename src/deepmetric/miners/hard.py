@@ -52,9 +52,9 @@ def _batch_hard_rows_native(
     """:func:`batch_hard_rows` with the per-row arg-max / arg-min of each block in C (same blocks, same
     values, same first-of-ties rule: the lowest column). The kernel overwrites each row's same-label
     cells of the block with +inf (the block is scratch, not read again)."""
-    row_lab, col_lab = dense_labels(labels, None if same_set else ref_labels)
+    row_lab, col_lab, classes = dense_labels(labels, None if same_set else ref_labels)
     row_lab, col_lab = row_lab.contiguous(), col_lab.contiguous()
-    nclass = max(int(row_lab.max()), int(col_lab.max())) + 1 if ops.rows and ops.cols else 1
+    nclass = max(classes, 1)
     p = torch.empty(ops.rows, dtype=torch.long)
     n = torch.empty(ops.rows, dtype=torch.long)
     ok = torch.empty(ops.rows, dtype=torch.uint8)
