@@ -9,8 +9,10 @@ into place, so concurrent first calls never load a half-written file.
 
 Where no compiler works (or ``DEEPMETRIC_NATIVE=0``), :func:`load` returns ``None`` and callers use
 their pure faiss / torch path; the reason is given once per process as a ``RuntimeWarning``.
-No ``-march=native``: the kernels use portable 4-wide vector types, so one cached build runs on
-any CPU of the platform (a cache shared between machines stays valid).
+No ``-march=native``: the kernels use portable 4-wide vector types, and the few AVX2 + FMA
+functions are compiled with a function-level target attribute and chosen at run time on CPUs that
+have them, so one cached build runs on any CPU of the platform (a cache shared between machines
+stays valid).
 """
 from __future__ import annotations
 

@@ -302,16 +302,11 @@ INLINE void finalize_rows_body(const finalize_args* a, const int upper, const in
         }
     }
 }
+/* Every (upper, has_f, has_c) combination, in the order of finalize_rows' tables. */
+#define FINALIZE_FLAGS(X) X(0, 0, 0) X(0, 0, 1) X(0, 1, 0) X(0, 1, 1) X(1, 0, 0) X(1, 0, 1) X(1, 1, 0) X(1, 1, 1)
 #define FINALIZE_INSTANCE(U, F, C) \
     static void finalize_##U##F##C(const finalize_args* a) { finalize_rows_body(a, U, F, C); }
-FINALIZE_INSTANCE(0, 0, 0)
-FINALIZE_INSTANCE(0, 0, 1)
-FINALIZE_INSTANCE(0, 1, 0)
-FINALIZE_INSTANCE(0, 1, 1)
-FINALIZE_INSTANCE(1, 0, 0)
-FINALIZE_INSTANCE(1, 0, 1)
-FINALIZE_INSTANCE(1, 1, 0)
-FINALIZE_INSTANCE(1, 1, 1)
+FINALIZE_FLAGS(FINALIZE_INSTANCE)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define DM_AVX2 __attribute__((target("avx2,fma")))
@@ -379,22 +374,14 @@ static inline __attribute__((always_inline)) DM_AVX2 void finalize8_body(const f
 }
 #define FINALIZE8_INSTANCE(U, F, C) \
     static DM_AVX2 void finalize8_##U##F##C(const finalize_args* a) { finalize8_body(a, U, F, C); }
-FINALIZE8_INSTANCE(0, 0, 0)
-FINALIZE8_INSTANCE(0, 0, 1)
-FINALIZE8_INSTANCE(0, 1, 0)
-FINALIZE8_INSTANCE(0, 1, 1)
-FINALIZE8_INSTANCE(1, 0, 0)
-FINALIZE8_INSTANCE(1, 0, 1)
-FINALIZE8_INSTANCE(1, 1, 0)
-FINALIZE8_INSTANCE(1, 1, 1)
+FINALIZE_FLAGS(FINALIZE8_INSTANCE)
 #endif
+#define FINALIZE_NAME(U, F, C) finalize_##U##F##C,
+#define FINALIZE8_NAME(U, F, C) finalize8_##U##F##C,
 static void finalize_rows(const finalize_args* a) {
-    static void (*const instance[8])(const finalize_args*) = {finalize_000, finalize_001, finalize_010, finalize_011,
-                                                               finalize_100, finalize_101, finalize_110, finalize_111};
+    static void (*const instance[8])(const finalize_args*) = {FINALIZE_FLAGS(FINALIZE_NAME)};
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    static void (*const instance8[8])(const finalize_args*) = {finalize8_000, finalize8_001, finalize8_010,
-                                                               finalize8_011, finalize8_100, finalize8_101,
-                                                               finalize8_110, finalize8_111};
+    static void (*const instance8[8])(const finalize_args*) = {FINALIZE_FLAGS(FINALIZE8_NAME)};
     if (cpu_has_avx2()) {
         instance8[(a->upper ? 4 : 0) + (a->fp ? 2 : 0) + (a->cpos ? 1 : 0)](a);
         return;
