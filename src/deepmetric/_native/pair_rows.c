@@ -282,16 +282,23 @@ INLINE void finalize_block4(const finalize_args* a, int64_t i0, int64_t j0, cons
    panels, whose mirror-image stores touch a new cache line per block; 16- and 32-wide tiles lie
    in between. */
 #define FINALIZE_TILE 8
-INLINE void finalize_rows_body(const finalize_args* a, const int upper, const int has_f, const int has_c) {
-    const int64_t n = a->n, n4 = n & ~(int64_t)3;
-    for (int64_t i0 = 0; i0 < n; i0 += 4) {
-        const int64_t i1 = i0 + 4 < n ? i0 + 4 : n;
+/* What the w x w blocks leave (w a power of 2): the diagonal blocks, the columns past the last
+   multiple of w, and the zero diagonal, pair by pair. */
+INLINE void finalize_edges(const finalize_args* a, const int64_t w, const int upper, const int has_f,
+                           const int has_c) {
+    const int64_t n = a->n, nw = n & ~(w - 1);
+    for (int64_t i0 = 0; i0 < n; i0 += w) {
+        const int64_t i1 = i0 + w < n ? i0 + w : n;
         for (int64_t i = i0; i < i1; i++) {
             a->M[i * a->ld + i] = 0.0f;
             for (int64_t j = i + 1; j < i1; j++) finalize_pair(a, i, j, upper, has_f, has_c);
-            for (int64_t j = (n4 > i1 ? n4 : i1); j < n; j++) finalize_pair(a, i, j, upper, has_f, has_c);
+            for (int64_t j = (nw > i1 ? nw : i1); j < n; j++) finalize_pair(a, i, j, upper, has_f, has_c);
         }
     }
+}
+INLINE void finalize_rows_body(const finalize_args* a, const int upper, const int has_f, const int has_c) {
+    const int64_t n4 = a->n & ~(int64_t)3;
+    finalize_edges(a, 4, upper, has_f, has_c);
     for (int64_t t0 = 0; t0 < n4; t0 += FINALIZE_TILE) {
         const int64_t t1 = t0 + FINALIZE_TILE < n4 ? t0 + FINALIZE_TILE : n4;
         for (int64_t u0 = t0; u0 < n4; u0 += FINALIZE_TILE) {
@@ -360,17 +367,10 @@ static inline __attribute__((always_inline)) DM_AVX2 void finalize_block8(const 
 }
 static inline __attribute__((always_inline)) DM_AVX2 void finalize8_body(const finalize_args* a, const int upper,
                                                                         const int has_f, const int has_c) {
-    const int64_t n = a->n, n8 = n & ~(int64_t)7;
-    for (int64_t i0 = 0; i0 < n; i0 += 8) {
-        const int64_t i1 = i0 + 8 < n ? i0 + 8 : n;
-        for (int64_t i = i0; i < i1; i++) {
-            a->M[i * a->ld + i] = 0.0f;
-            for (int64_t j = i + 1; j < i1; j++) finalize_pair(a, i, j, upper, has_f, has_c);
-            for (int64_t j = (n8 > i1 ? n8 : i1); j < n; j++) finalize_pair(a, i, j, upper, has_f, has_c);
-        }
-        if (i1 - i0 == 8)
-            for (int64_t j0 = i0 + 8; j0 < n8; j0 += 8) finalize_block8(a, i0, j0, upper, has_f, has_c);
-    }
+    const int64_t n8 = a->n & ~(int64_t)7;
+    finalize_edges(a, 8, upper, has_f, has_c);
+    for (int64_t i0 = 0; i0 < n8; i0 += 8)
+        for (int64_t j0 = i0 + 8; j0 < n8; j0 += 8) finalize_block8(a, i0, j0, upper, has_f, has_c);
 }
 #define FINALIZE8_INSTANCE(U, F, C) \
     static DM_AVX2 void finalize8_##U##F##C(const finalize_args* a) { finalize8_body(a, U, F, C); }
