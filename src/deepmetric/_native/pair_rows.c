@@ -48,24 +48,28 @@ static inline float hmin(v4f v) {
     return a < b ? a : b;
 }
 
-/* exp(x), 4 lanes: x = n ln2 + r with n = round(x log2 e) (the 1.5 * 2^23 rounding trick: default
-   rounding mode), e^r by a degree-6 polynomial (Cephes expf's coefficients), times 2^n. Clamped to [-87, 88]. */
-static inline v4f vexp(v4f x) {
-    const v4f magic = vset(12582912.0f);
-    x = vmin(vmax(x, vset(-87.0f)), vset(88.0f));
-    v4f v = x * vset(1.44269504088896341f) + magic;
-    v4f t = v - magic;
-    v4i n = (v4i)v - (v4i)magic;
-    x = x - t * vset(0.693359375f) - t * vset(-2.12194440e-4f);
-    /* 1 + x + x^2 (p5 + p4 x + ... + p0 x^5), the inner polynomial in Estrin's scheme (a shorter
-       dependency chain than Horner's: the loop is latency-bound) */
-    v4f x2 = x * x, x4 = x2 * x2;
-    v4f lo = vset(5.0000001201e-1f) + vset(1.6666665459e-1f) * x;
-    v4f mid = vset(4.1665795894e-2f) + vset(8.3334519073e-3f) * x;
-    v4f hi = vset(1.3981999507e-3f) + vset(1.9875691500e-4f) * x;
-    v4f y = ((lo + x2 * mid) + x4 * hi) * x2 + x + vset(1.0f);
-    return y * (v4f)((n + (v4i){127, 127, 127, 127}) << 23);
-}
+/* exp(x) without a clamp (for |x| <= 87), on vectors of float type VF and int type VI of any width
+   (SET broadcasts a constant): x = n ln2 + r with n = round(x log2 e) (the 1.5 * 2^23 rounding
+   trick: default rounding mode), e^r by a degree-6 polynomial (Cephes expf's coefficients), times 2^n.
+   1 + r + r^2 (p5 + p4 r + ... + p0 r^5) is evaluated in Estrin's scheme (a shorter dependency chain
+   than Horner's: the loops are latency-bound). Defines QUAL VF NAME(VF x). */
+#define DEFINE_EXP(QUAL, NAME, VF, VI, SET)                                                        \
+    QUAL VF NAME(VF x) {                                                                          \
+        const VF magic = SET(12582912.0f);                                                         \
+        VF v = x * SET(1.44269504088896341f) + magic;                                              \
+        VF t = v - magic;                                                                          \
+        VI k = (VI)v - (VI)magic;                                                                  \
+        x = x - t * SET(0.693359375f) - t * SET(-2.12194440e-4f);                                  \
+        VF x2 = x * x, x4 = x2 * x2;                                                               \
+        VF lo = SET(5.0000001201e-1f) + SET(1.6666665459e-1f) * x;                                 \
+        VF mid = SET(4.1665795894e-2f) + SET(8.3334519073e-3f) * x;                                \
+        VF hi = SET(1.3981999507e-3f) + SET(1.9875691500e-4f) * x;                                 \
+        VF y = ((lo + x2 * mid) + x4 * hi) * x2 + x + SET(1.0f);                                   \
+        return y * (VF)((k + 127) << 23);                                                          \
+    }
+DEFINE_EXP(static inline, vexp_unclamped, v4f, v4i, vset)
+/* exp(x), 4 lanes, clamped to [-87, 88]. */
+static inline v4f vexp(v4f x) { return vexp_unclamped(vmin(vmax(x, vset(-87.0f)), vset(88.0f))); }
 
 /* Lanes of the 4-block at columns j0..j0+3 that are candidate pairs of row i: j != i and j < n. */
 static inline v4i lanes_ok(int64_t j0, int64_t i, int64_t n) {
@@ -500,64 +504,59 @@ void dm_supcon_rows(float* M, int64_t n, int64_t ld, const int32_t* lab, float i
     supcon_rows(&a, stats);
 }
 
-/* Dense int32 class ids of int64 labels: out[i] == out[j] iff lab[i] == lab[j], ids 0, 1, ... in order
-   of first appearance (open addressing in a table of at least 2n slots). Returns the number of
-   classes, or -1 if the table could not be allocated. */
-int64_t dm_dense_labels(const int64_t* lab, int64_t n, int32_t* out) {
+/* Dense class ids of n labels (int64 lab64, or int32 lab32 when lab64 is NULL): out[i] == out[j] iff the
+   labels are equal, ids 0, 1, ... in order of first appearance (open addressing in a table of at
+   least 2n slots). Returns the number of classes, or -1 if the table could not be allocated. */
+static int64_t dense_ids(const int64_t* lab64, const int32_t* lab32, int64_t n, int64_t* out) {
     int64_t size = 16, classes = 0;
     while (size < 2 * n) size *= 2;
     int64_t* keys = malloc((size_t)size * sizeof(int64_t));
-    int32_t* ids = malloc((size_t)size * sizeof(int32_t));
+    int64_t* ids = malloc((size_t)size * sizeof(int64_t));
     if (!keys || !ids) {
         free(keys), free(ids);
         return -1;
     }
     for (int64_t h = 0; h < size; h++) ids[h] = -1;
     for (int64_t i = 0; i < n; i++) {
-        const uint64_t k = (uint64_t)lab[i];
+        const int64_t key = lab64 ? lab64[i] : (int64_t)lab32[i];
+        const uint64_t k = (uint64_t)key;
         int64_t h = (int64_t)(((k ^ (k >> 32)) * 0x9E3779B97F4A7C15ull) >> 32) & (size - 1);
-        while (ids[h] >= 0 && keys[h] != lab[i]) h = (h + 1) & (size - 1);
+        while (ids[h] >= 0 && keys[h] != key) h = (h + 1) & (size - 1);
         if (ids[h] < 0) {
-            keys[h] = lab[i];
-            ids[h] = (int32_t)classes++;
+            keys[h] = key;
+            ids[h] = classes++;
         }
         out[i] = ids[h];
     }
     free(keys), free(ids);
     return classes;
 }
+/* dense_ids of int64 labels as int32 (deepmetric._native.labels.dense_label_ids). */
+int64_t dm_dense_labels(const int64_t* lab, int64_t n, int32_t* out) {
+    int64_t* ids = malloc((size_t)(n > 0 ? n : 1) * sizeof(int64_t));
+    const int64_t classes = ids ? dense_ids(lab, NULL, n, ids) : -1;
+    for (int64_t i = 0; classes >= 0 && i < n; i++) out[i] = (int32_t)ids[i];
+    free(ids);
+    return classes;
+}
 
-/* The batch's classes: group[i] in [0, G), the members of class g are order[start[g] .. start[g+1])
-   (increasing); by open addressing in a table of at least 2n slots and a counting sort, O(n). One
-   malloc'ed block holds the three arrays (int64: group n, start n + 1, order n); NULL if out of
-   memory. */
+/* The batch's classes: group[i] in [0, G) (dense_ids), the members of class g are
+   order[start[g] .. start[g+1]) (increasing), by a counting sort: O(n). One malloc'ed block holds the
+   three arrays (int64: group n, start n + 1, order n); NULL if out of memory. */
 static int64_t* label_groups(const int32_t* lab, int64_t n, int64_t** start, int64_t** order) {
-    int64_t size = 16;
-    while (size < 2 * n) size *= 2;
-    int32_t* keys = malloc((size_t)size * sizeof(int32_t));
-    int64_t* ids = malloc((size_t)size * sizeof(int64_t));
     int64_t* block = calloc((size_t)(3 * n + 2), sizeof(int64_t));
-    if (!keys || !ids || !block) {
-        free(keys), free(ids), free(block);
+    if (!block) return NULL;
+    int64_t *group = block, *st = block + n, *ord = block + 2 * n + 1;
+    const int64_t classes = dense_ids(NULL, lab, n, group);
+    if (classes < 0) {
+        free(block);
         return NULL;
     }
-    int64_t *group = block, *st = block + n, *ord = block + 2 * n + 1, classes = 0;
-    for (int64_t h = 0; h < size; h++) ids[h] = -1;
-    for (int64_t i = 0; i < n; i++) {
-        int64_t h = (int64_t)(((uint32_t)lab[i] * 2654435761u) & (uint32_t)(size - 1));
-        while (ids[h] >= 0 && keys[h] != lab[i]) h = (h + 1) & (size - 1);
-        if (ids[h] < 0) {
-            keys[h] = lab[i];
-            ids[h] = classes++;
-        }
-        group[i] = ids[h];
-        st[group[i] + 1]++;
-    }
+    for (int64_t i = 0; i < n; i++) st[group[i] + 1]++;
     for (int64_t g = 0; g < classes; g++) st[g + 1] += st[g];
     for (int64_t i = 0; i < n; i++) ord[st[group[i]]++] = i; /* st[g] now holds the end of class g */
     for (int64_t g = classes; g > 0; g--) st[g] = st[g - 1];
     st[0] = 0;
-    free(keys), free(ids);
     *start = st;
     *order = ord;
     return group;
@@ -573,21 +572,9 @@ typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef float v8f_u __attribute__((vector_size(32), aligned(4)));
 #define V8(a) ((v8f){a, a, a, a, a, a, a, a})
-/* vexp on 8 lanes, without the clamp: for |x| <= 87 (the callers' arguments are at most 40 in size).
-   With FMA the products and sums contract. */
-INLINE v8f vexp8(v8f x) {
-    const v8f magic = V8(12582912.0f);
-    v8f v = x * V8(1.44269504088896341f) + magic;
-    v8f t = v - magic;
-    v8i k = (v8i)v - (v8i)magic;
-    x = x - t * V8(0.693359375f) - t * V8(-2.12194440e-4f);
-    v8f x2 = x * x, x4 = x2 * x2;
-    v8f lo = V8(5.0000001201e-1f) + V8(1.6666665459e-1f) * x;
-    v8f mid = V8(4.1665795894e-2f) + V8(8.3334519073e-3f) * x;
-    v8f hi = V8(1.3981999507e-3f) + V8(1.9875691500e-4f) * x;
-    v8f y = ((lo + x2 * mid) + x4 * hi) * x2 + x + V8(1.0f);
-    return y * (v8f)((k + (v8i){127, 127, 127, 127, 127, 127, 127, 127}) << 23);
-}
+/* vexp on 8 lanes, without the clamp (the callers' arguments are at most 40 in size); with FMA the
+   products and sums contract. */
+DEFINE_EXP(INLINE, vexp8, v8f, v8i, V8)
 /* Columns jb..jb+7 of row s (inside the row), lanes jb + q >= lo only: s_j <- exp(scale s_j), added to
    *acc and to col[j]; the other lanes are left as they are. */
 INLINE void exp_block8(float* s, float* col, int64_t jb, int64_t lo, v8f vs, v8f* acc) {

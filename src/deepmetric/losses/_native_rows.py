@@ -34,8 +34,6 @@ __all__ = ["MAX_ELEMS", "native_lib", "pair_rows_lib", "int32_labels", "upper_gr
 #: Largest ``B·B`` on the native path (a ``(B, B)`` float32 matrix of 64 MiB, B = 4096).
 MAX_ELEMS = 1 << 24
 
-_INT32 = (-(2**31), 2**31 - 1)
-
 
 def native_lib(x: Tensor) -> ctypes.CDLL | None:
     """The ``pair_rows`` kernel library for a CPU float32 ``(B, D)`` tensor, else ``None``."""
@@ -51,20 +49,8 @@ def pair_rows_lib(x: Tensor) -> ctypes.CDLL | None:
 
 def int32_labels(labels: Tensor) -> Tensor:
     """Contiguous int32 class ids with ``ids[i] == ids[j]`` iff ``labels[i] == labels[j]``: int32 labels
-    as they are, int64 ones made dense in one C pass (:func:`dense_label_ids`), other integers cast when
-    within int32's range, else the dense ids of :func:`torch.unique`. (Not dense in general, unlike
-    :func:`deepmetric.miners._blocks.dense_labels`, whose ids index a counting sort: these kernels only
-    compare labels.)"""
-    if labels.dtype == torch.int32:
-        return labels.contiguous()
-    dense = dense_label_ids(labels)
-    if dense is not None:
-        return dense[0]
-    if labels.numel() and not labels.is_floating_point() and labels.dtype != torch.bool:
-        lo, hi = torch.aminmax(labels)
-        if int(lo) >= _INT32[0] and int(hi) <= _INT32[1]:
-            return labels.to(torch.int32).contiguous()
-    return torch.unique(labels, return_inverse=True)[1].to(torch.int32).contiguous()
+    as they are (the kernels only compare labels), others made dense (:func:`dense_label_ids`)."""
+    return labels.contiguous() if labels.dtype == torch.int32 else dense_label_ids(labels)[0]
 
 
 def upper_gram(x: Tensor) -> Tensor:

@@ -197,15 +197,8 @@ class Operands:
 
 def dense_labels(labels: Tensor, ref_labels: Tensor | None) -> tuple[Tensor, Tensor, int]:
     """Labels (and reference labels) as dense int32 class ids (equal labels ↔ equal ids, in
-    ``[0, classes)``) and the number of classes: one C pass for int64 CPU labels
-    (:func:`~deepmetric._native.labels.dense_label_ids`), else :func:`torch.unique`."""
-    both = labels if ref_labels is None else torch.cat([labels, ref_labels])
-    dense = dense_label_ids(both)
-    if dense is not None:
-        inverse, classes = dense
-    else:
-        uniq, inverse = torch.unique(both, return_inverse=True)
-        inverse, classes = inverse.to(torch.int32), uniq.numel()
+    ``[0, classes)``) and the number of classes (:func:`~deepmetric._native.labels.dense_label_ids`)."""
+    inverse, classes = dense_label_ids(labels if ref_labels is None else torch.cat([labels, ref_labels]))
     batch = labels.shape[0]
     return inverse[:batch], (inverse if ref_labels is None else inverse[batch:]), classes
 
