@@ -247,25 +247,14 @@ def build(name: str, x, labels) -> dict[str, Any]:
             "(the paper's smooth loss; PML's GeneralizedLiftedStructureLoss is another loss)"
         )
     elif name == "n_pair":
-        ours = L.NPairLoss(l2_reg=0.0)
-        pml = PL.NPairsLoss(distance=PD.DotProductSimilarity(normalize_embeddings=False))
-        order = torch.argsort(y, stable=True)
-        counts = torch.bincount(y)
-        starts = torch.cumsum(counts, 0) - counts
-        anchors, positives = order[starts], order[starts + 1]  # PML: the first pair of each class
-        both, n_cls = torch.cat([anchors, positives]), anchors.numel()
-        y_a, y_p = y[anchors], y[positives]
-
-        def n_pair_batch(e):  # one gather for both halves: one backward scatter instead of two
-            a_e, p_e = e.index_select(0, both).split(n_cls)
-            return ours(a_e, y_a, ref_embeddings=p_e, ref_labels=y_p)
-
-        spec["ours"] = n_pair_batch
-        spec["pml"] = lambda e: pml(e, y)
+        pair(
+            L.NPairLoss(l2_reg=0.0, pairs="one_per_class"),
+            PL.NPairsLoss(distance=PD.DotProductSimilarity(normalize_embeddings=False)),
+        )
         spec["mapping"] = (
-            "PML NPairsLoss(DotProductSimilarity(normalize_embeddings=False)) uses one (anchor, positive) "
-            "pair per class (the first two samples); ours NPairLoss(l2_reg=0) on those anchors with "
-            "their positives as ref_embeddings (same N-pair batch, same value)"
+            "NPairLoss(l2_reg=0, pairs='one_per_class') == PML NPairsLoss(DotProductSimilarity("
+            "normalize_embeddings=False)): one (anchor, positive) pair per class (its first two samples), "
+            "the other classes' positives as negatives (the paper's N-pair batch)"
         )
     elif name == "histogram":
         pair(L.HistogramLoss(num_nodes=101), PL.HistogramLoss(n_bins=100))

@@ -51,6 +51,10 @@ _SIGNATURES: dict[str, dict[str, tuple[list, object]]] = {
         "dm_ms_rows": ([_P, _I, _I, _P, _F, _F, _F, _P, _P, _P], None),
         "dm_supcon_upper": ([_P, _I, _I, _P, _P, _I, _F, _I, _P], None),
         "dm_dense_labels": ([_P, _I, _P], _I),
+        "dm_first_pairs": ([_P, _I, _P], _I),
+        "dm_npair_rows": ([_P, _I, _I, _F, _P], ctypes.c_double),
+        "dm_npair_gather": ([_P, _P, _I, _I, _P, _P], None),
+        "dm_scatter_rows": ([_P, _P, _I, _I, _P, _I, _F], None),
         "dm_force_generic": ([_I], _I),
         "dm_ranked_list_rows": ([_P, _I, _I, _P, _F, _F, _F, _F, _P, _P, _P], None),
         "dm_contrastive_rows": ([_P, _I, _I, _P, _P, _F, _F, _I, _I, _P, _P, _P, _I, _P], None),
@@ -120,8 +124,12 @@ def load(name: str) -> ctypes.CDLL | None:
 
     Builds it on the first call (cached on disk and in this process). ``DEEPMETRIC_NATIVE=0`` turns
     native kernels off. A failure is warned once per process and then remembered."""
-    if os.environ.get("DEEPMETRIC_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+    switch = os.environ.get("DEEPMETRIC_NATIVE")
+    if switch is not None and switch.strip().lower() in ("0", "false", "no", "off"):
         return None
+    lib = _loaded.get(name, _loaded)  # (a dict read is atomic: no lock once loaded, or once failed)
+    if lib is not _loaded:
+        return lib  # type: ignore[return-value]
     with _lock:
         if name in _loaded:
             return _loaded[name]

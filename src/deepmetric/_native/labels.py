@@ -6,7 +6,7 @@ from torch import Tensor
 
 from deepmetric._native import load
 
-__all__ = ["dense_label_ids"]
+__all__ = ["dense_label_ids", "first_pair_rows"]
 
 
 def dense_label_ids(labels: Tensor) -> tuple[Tensor, int]:
@@ -24,3 +24,24 @@ def dense_label_ids(labels: Tensor) -> tuple[Tensor, int]:
                 return ids, int(classes)
     uniq, inverse = torch.unique(labels, return_inverse=True)
     return inverse.to(torch.int32).contiguous(), uniq.numel()
+
+
+
+def first_pair_rows(labels: Tensor) -> Tensor:
+    """The paper's N-pair batch in a labelled batch: for every class with at least two samples, its
+    first two samples in batch order. Returns ``rows``, int64 of length 2m: ``rows[:m]`` the first
+    ones (anchors), ``rows[m:]`` the second ones (positives), class by class. Classes come in order
+    of first appearance for 1-D int64 CPU labels (one C pass, ``dm_first_pairs``), else in label
+    order (:func:`torch.unique` and a stable sort)."""
+    if labels.dtype == torch.int64 and labels.device.type == "cpu" and labels.dim() == 1:
+        lib = load("pair_rows")
+        if lib is not None:
+            src = labels.contiguous()
+            rows = torch.empty(src.shape[0], dtype=torch.int64)
+            pairs = lib.dm_first_pairs(src.data_ptr(), src.shape[0], rows.data_ptr())
+            if pairs >= 0:
+                return rows[: 2 * pairs]
+    _, ids, counts = torch.unique(labels.reshape(-1), return_inverse=True, return_counts=True)
+    order = torch.argsort(ids, stable=True)
+    starts = (torch.cumsum(counts, 0) - counts)[counts >= 2]
+    return torch.cat([order[starts], order[starts + 1]])

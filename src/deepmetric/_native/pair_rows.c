@@ -540,6 +540,64 @@ int64_t dm_dense_labels(const int64_t* lab, int64_t n, int32_t* out) {
     return classes;
 }
 
+/* The paper's N-pair batch in a labelled batch (deepmetric._native.labels.first_pair_rows): for each
+   class with at least two samples, in order of first appearance, the batch indices of its first two
+   samples: rows[0..m) the first ones (anchors), rows[m..2m) the second ones (positives), rows of
+   length n. Returns m, or -1 if out of memory. */
+int64_t dm_first_pairs(const int64_t* lab, int64_t n, int64_t* rows) {
+    int64_t* block = malloc((size_t)(3 * (n > 0 ? n : 1)) * sizeof(int64_t));
+    const int64_t classes = block ? dense_ids(lab, NULL, n, block) : -1;
+    if (classes < 0) {
+        free(block);
+        return -1;
+    }
+    int64_t *a = block + n, *p = block + 2 * n, m = 0;
+    for (int64_t c = 0; c < classes; c++) a[c] = p[c] = -1;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t c = block[i];
+        if (a[c] < 0)
+            a[c] = i;
+        else if (p[c] < 0)
+            p[c] = i;
+    }
+    for (int64_t c = 0; c < classes; c++)
+        if (p[c] >= 0) a[m] = a[c], p[m++] = p[c];
+    memcpy(rows, a, (size_t)m * sizeof(int64_t));
+    memcpy(rows + m, p, (size_t)m * sizeof(int64_t));
+    free(block);
+    return m;
+}
+
+/* The N-pair batch's rows (deepmetric.losses.n_pair), from x (rows of d floats) and rows as written
+   by dm_first_pairs (anchors rows[0..m), positives rows[m..2m)): pa = [P; A] (2m x d, P the
+   positives' rows, A the anchors'), pt = P^T (d x m). And the scatter of the gradient's rows:
+   out (n x d) = 0 except out[rows[r]] = scale src[r] (rows distinct, each in [0, n)). */
+/* dst (c x r, row stride ldd) = src^T (src: r x c, row stride lds), in 8 x 8 tiles. */
+static void transpose(const float* src, int64_t r, int64_t c, int64_t lds, float* dst, int64_t ldd) {
+    for (int64_t i0 = 0; i0 < r; i0 += 8)
+        for (int64_t j0 = 0; j0 < c; j0 += 8) {
+            const int64_t i1 = i0 + 8 < r ? i0 + 8 : r, j1 = j0 + 8 < c ? j0 + 8 : c;
+            for (int64_t j = j0; j < j1; j++)
+                for (int64_t i = i0; i < i1; i++) dst[j * ldd + i] = src[i * lds + j];
+        }
+}
+void dm_npair_gather(const float* x, const int64_t* rows, int64_t m, int64_t d, float* pa, float* pt) {
+    for (int64_t r = 0; r < m; r++) {
+        memcpy(pa + r * d, x + rows[m + r] * d, (size_t)d * sizeof(float));
+        memcpy(pa + (m + r) * d, x + rows[r] * d, (size_t)d * sizeof(float));
+    }
+    transpose(pa, m, d, d, pt, m);
+}
+void dm_scatter_rows(const float* src, const int64_t* rows, int64_t k, int64_t d, float* out, int64_t n,
+                     float scale) {
+    memset(out, 0, (size_t)(n * d) * sizeof(float));
+    for (int64_t r = 0; r < k; r++) {
+        float* restrict o = out + rows[r] * d;
+        const float* restrict v = src + r * d;
+        for (int64_t t = 0; t < d; t++) o[t] = scale * v[t];
+    }
+}
+
 /* The batch's classes: group[i] in [0, G) (dense_ids), the members of class g are
    order[start[g] .. start[g+1]) (increasing), by a counting sort: O(n). One malloc'ed block holds the
    three arrays (int64: group n, start n + 1, order n); NULL if out of memory. */
@@ -630,6 +688,73 @@ static void exp_upper(float* M, int64_t n, int64_t ld, float scale, float* row, 
     }
 #endif
     exp_upper_body(M, n, ld, scale, row, col);
+}
+
+/* ------------------------------------------------------------------ N-pair cross-entropy rows */
+/* N-pair cross-entropy (deepmetric.losses.n_pair), S = A P^T (n x n, row stride ld):
+     returns sum_i [log sum_k exp(S_ik) - S_ii]   (each row shifted by its maximum; NaN if S holds a
+     NaN or an infinity, S then left partly rewritten),
+     S <- scale (softmax(S) - I)   (row-wise softmax), the loss's gradient w.r.t. S for scale = 1/n,
+     and its transpose in GT (n x n, contiguous) where GT is not NULL.
+   8-lane blocks (AVX2 + FMA where the CPU has them, as exp_upper), the last n mod 8 columns scalar. */
+INLINE double npair_rows_body(float* S, int64_t n, int64_t ld, float scale, float* GT) {
+    double total = 0.0;
+    const int64_t n8 = n & ~(int64_t)7;
+    const v8f lowest = V8(-87.0f);
+    for (int64_t i = 0; i < n; i++) {
+        float* s = S + i * ld;
+        v8f vm = V8(-INFINITY), vbad = V8(0.0f);
+        float m = -INFINITY, bad = 0.0f;
+        for (int64_t j = 0; j < n8; j += 8) {
+            const v8f v = *(const v8f_u*)(s + j);
+            vm = (v8f)(((v8i)v & (v > vm)) | ((v8i)vm & ~(v > vm)));
+            vbad += v - v; /* NaN in a lane that met a NaN or an infinity */
+        }
+        for (int64_t j = n8; j < n; j++) {
+            m = s[j] > m ? s[j] : m;
+            bad += s[j] - s[j];
+        }
+        for (int q = 0; q < 8; q++) {
+            m = vm[q] > m ? vm[q] : m;
+            bad += vbad[q];
+        }
+        if (!(bad == 0.0f)) return NAN;
+        const float sii = s[i];
+        const v8f vmx = V8(m);
+        v8f vden = V8(0.0f);
+        for (int64_t j = 0; j < n8; j += 8) {
+            v8f x = *(const v8f_u*)(s + j) - vmx;
+            x = (v8f)(((v8i)x & (x > lowest)) | ((v8i)lowest & ~(x > lowest))); /* vexp8 takes >= -87 */
+            const v8f e = vexp8(x);
+            vden += e;
+            *(v8f_u*)(s + j) = e;
+        }
+        double den = ((vden[0] + vden[1]) + (vden[2] + vden[3])) + ((vden[4] + vden[5]) + (vden[6] + vden[7]));
+        for (int64_t j = n8; j < n; j++) {
+            s[j] = expf(s[j] - m);
+            den += s[j];
+        }
+        total += (double)m + log(den) - (double)sii;
+        const float f = (float)(scale / den);
+        const v8f vf = V8(f);
+        for (int64_t j = 0; j < n8; j += 8) *(v8f_u*)(s + j) *= vf;
+        for (int64_t j = n8; j < n; j++) s[j] *= f;
+        s[i] -= scale;
+    }
+    if (GT) transpose(S, n, n, ld, GT, n);
+    return total;
+}
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("avx2,fma"))) static double npair_rows_avx2(float* S, int64_t n, int64_t ld, float scale,
+                                                                   float* GT) {
+    return npair_rows_body(S, n, ld, scale, GT);
+}
+#endif
+double dm_npair_rows(float* S, int64_t n, int64_t ld, float scale, float* GT) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (cpu_has_avx2()) return npair_rows_avx2(S, n, ld, scale, GT);
+#endif
+    return npair_rows_body(S, n, ld, scale, GT);
 }
 
 /* SupCon from the upper triangle of S = U U^T (U: the n x d unit rows; the lower triangle of M is not
