@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepmetric._native.labels import first_pair_rows
+from deepmetric._native.labels import first_pair_rows, label_kernel
 from deepmetric.errors import ConfigError, NonFiniteError
 from deepmetric.losses._native_rows import native_lib
 from deepmetric.losses._pairs import masked_logsumexp, resolve_masks
@@ -45,10 +45,10 @@ def n_pair_loss(
                 "pairs='one_per_class' builds its N-pair batch from (embeddings, labels) alone; "
                 "it takes no indices or ref_embeddings"
             )
-        lib = native_lib(embeddings) if labels.dtype == torch.int64 and labels.device.type == "cpu" else None
-        if lib is not None:
+        native = label_kernel(labels) if native_lib(embeddings) is not None else None
+        if native is not None:
             need = torch.is_grad_enabled() and embeddings.requires_grad
-            loss = _NPairNative.apply(embeddings, labels, lib, need, *checked)
+            loss = _NPairNative.apply(embeddings, native[1], native[0], need, *checked)
         else:
             rows = first_pair_rows(labels)
             if rows.numel() < 4:  # fewer than two classes with a pair: no negatives
@@ -166,7 +166,7 @@ def _npair_native(
     :math:`G` and :math:`G^\top` in one pass over ``S`` (``dm_npair_rows``), the scatter into a zero
     gradient (``dm_scatter_rows``). The three matmuls take row-major operands: ``S = A (Pᵀ)`` and one
     batched ``[G; Gᵀ] @ [P; A]``. Fewer than two classes with a pair (no negatives): 0."""
-    x, labels = x.contiguous(), labels.contiguous()
+    x = x.contiguous()  # (labels: contiguous, from label_kernel)
     batch, d = x.shape
     rows = torch.empty(batch, dtype=torch.int64)
     n = lib.dm_first_pairs(labels.data_ptr(), batch, rows.data_ptr())
