@@ -122,6 +122,35 @@ def _contrastive_backward_case(spread, native_calls, monkeypatch):
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("spread", ["sparse", "dense"])
+def test_contrastive_native_default_positives_from_class_sums(spread, portable, native_calls, monkeypatch, request):
+    """The defaults (euclidean, squared, pos_margin 0): every positive pair's c_ij is 2, so the pair-list
+    backward takes the positives from class sums (``pos_sum``) and lists only the negatives within
+    the margin and the positives closer than 1e-6 (``raw < 1e-12``: no gradient, listed to cancel
+    their class-sum share). Against the torch path and the float64 reference, with an exact and a
+    near duplicate inside a class (their corrections are below float32 resolution: this checks they
+    do no harm), and 16 samples per class (c32-like) where the list would have held the positives."""
+    if portable:
+        request.getfixturevalue("generic_path")
+    x, labels = _batch(96, 16, d=32, normalize=True, seed=7)
+    first, second, third = (torch.nonzero(labels == labels[0]).flatten()[:3]).tolist()
+    x[second] = x[first]  # an exact duplicate
+    x[third] = x[first] + 1e-7  # a near duplicate (raw < 1e-12)
+    if spread == "dense":
+        x = x * 0.2
+    loss = ContrastiveLoss()
+    value, grad = _value_grad(lambda e: loss(e, labels), x)
+    assert native_calls["native"] == 1
+    monkeypatch.setenv("DEEPMETRIC_NATIVE", "0")
+    torch_value, torch_grad = _value_grad(lambda e: loss(e, labels), x)
+    torch.testing.assert_close(value, torch_value, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, torch_grad, rtol=1e-4, atol=1e-6)
+    ref_value, ref_grad = _value_grad(lambda e: ref_contrastive(e, labels, margin=1.0), x.double())
+    torch.testing.assert_close(value.double(), ref_value, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_contrastive_native_without_positives_is_zero(native_calls):
     x, _ = _batch(9, 1)
     value, grad = _value_grad(lambda e: ContrastiveLoss()(e, torch.arange(9)), x)

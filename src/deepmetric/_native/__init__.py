@@ -46,7 +46,7 @@ _SIGNATURES: dict[str, dict[str, tuple[list, object]]] = {
         "dm_normalize_rows": ([_P, _I, _I, _P, _P, _P], ctypes.c_int64),
         "dm_normalize_backward": ([_P, _P, _P, _P, _I, _I, _F], None),
         "dm_pair_finalize": ([_P, _I, _I, _P, _P, _P, _P, _I, _I], None),
-        "dm_pair_list_grad": ([_P, _P, _P, _I, _P, _I, _I, _P, _F], ctypes.c_int),
+        "dm_pair_list_grad": ([_P, _P, _P, _I, _P, _I, _I, _P, _F, _P, _F], ctypes.c_int),
         "dm_supcon_rows": ([_P, _I, _I, _P, _F, _P, _P, _P], None),
         "dm_ms_rows": ([_P, _I, _I, _P, _F, _F, _F, _P, _P, _P], None),
         "dm_supcon_upper": ([_P, _I, _I, _P, _P, _I, _F, _I, _P], None),
@@ -57,7 +57,7 @@ _SIGNATURES: dict[str, dict[str, tuple[list, object]]] = {
         "dm_scatter_rows": ([_P, _P, _I, _I, _P, _I, _F], None),
         "dm_force_generic": ([_I], _I),
         "dm_ranked_list_rows": ([_P, _I, _I, _P, _F, _F, _F, _F, _P, _P, _P], None),
-        "dm_contrastive_rows": ([_P, _I, _I, _P, _P, _F, _F, _I, _I, _P, _P, _P, _I, _P], None),
+        "dm_contrastive_rows": ([_P, _I, _I, _P, _P, _F, _F, _I, _I, _P, _P, _P, _I, _I, _P], None),
     },
 }
 _SOURCES = Path(__file__).resolve().parent

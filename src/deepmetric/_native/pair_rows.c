@@ -413,12 +413,37 @@ void dm_pair_finalize(float* M, int64_t n, int64_t ld, const int32_t* lab, const
    dL/dx_i = scale sum_j (c_ij + c_ji) (x_i - x_j) and c symmetric: for every entry, with
    w = 2 scale c: G_i += w (x_i - x_j), G_j += w (x_j - x_i), done as G_i -= w x_j, G_j -= w x_i and
    r_i += w, r_j += w, then G += r x row by row (two row updates per entry instead of four). G and
-   X are n x D row-major; G is overwritten. Returns 0, or -1 if the row scratch could not be
-   allocated (G untouched). */
+   X are n x D row-major; G is overwritten.
+   With lab (not NULL), every unordered same-label pair {i, j} also has c_ij = cpos without being
+   listed: with w = 2 scale cpos, G_i += w sum_{j in class(i)} (x_i - x_j) = w (K x_i - S) (K, S the
+   size and the row sum of i's class), by class sums in O(n D) instead of a list entry per pair.
+   Returns 0, or -1 if the scratch could not be allocated (G untouched). */
+static int64_t dense_ids(const int64_t* lab64, const int32_t* lab32, int64_t n, int64_t* out);
 int dm_pair_list_grad(const int32_t* ri, const int32_t* rj, const float* c, int64_t count, const float* X,
-                      int64_t n, int64_t D, float* G, float scale) {
+                      int64_t n, int64_t D, float* G, float scale, const int32_t* lab, float cpos) {
     float* r = calloc((size_t)(n > 0 ? n : 1), sizeof(float));
     if (!r) return -1;
+    float* sums = NULL;
+    int64_t* group = NULL;
+    if (lab) { /* the class sums S (classes x D) and the class sizes, folded into r */
+        group = malloc((size_t)(2 * (n > 0 ? n : 1)) * sizeof(int64_t));
+        const int64_t classes = group ? dense_ids(NULL, lab, n, group) : -1;
+        sums = classes >= 0 ? calloc((size_t)(classes * D + 1), sizeof(float)) : NULL;
+        if (!sums) {
+            free(r), free(group);
+            return -1;
+        }
+        int64_t* size = group + n;
+        for (int64_t k = 0; k < classes; k++) size[k] = 0;
+        for (int64_t i = 0; i < n; i++) {
+            const float* restrict xi = X + i * D;
+            float* restrict si = sums + group[i] * D;
+            for (int64_t t = 0; t < D; t++) si[t] += xi[t];
+            size[group[i]]++;
+        }
+        const float w = 2.0f * scale * cpos;
+        for (int64_t i = 0; i < n; i++) r[i] = w * (float)size[group[i]];
+    }
     memset(G, 0, (size_t)(n * D) * sizeof(float));
     for (int64_t k = 0; k < count; k++) {
         const float w = 2.0f * scale * c[k];
@@ -433,14 +458,19 @@ int dm_pair_list_grad(const int32_t* ri, const int32_t* rj, const float* c, int6
             gj[t] -= w * xi[t];
         }
     }
+    const float wpos = 2.0f * scale * cpos;
     for (int64_t i = 0; i < n; i++) {
         const float ri_ = r[i];
-        if (ri_ == 0.0f) continue;
         const float* restrict xi = X + i * D;
         float* restrict gi = G + i * D;
-        for (int64_t t = 0; t < D; t++) gi[t] += ri_ * xi[t];
+        if (sums) {
+            const float* restrict si = sums + group[i] * D;
+            for (int64_t t = 0; t < D; t++) gi[t] += ri_ * xi[t] - wpos * si[t];
+        } else if (ri_ != 0.0f) {
+            for (int64_t t = 0; t < D; t++) gi[t] += ri_ * xi[t];
+        }
     }
-    free(r);
+    free(r), free(sums), free(group);
     return 0;
 }
 
@@ -975,7 +1005,11 @@ void dm_ranked_list_rows(float* M, int64_t n, int64_t ld, const int32_t* lab, fl
    stats[0] += sum of the ordered terms, stats[1] += number of non-zero ordered terms, stats[2] +=
    number of positive (same-label) ordered pairs, stats[3] += number of non-zero c_ij (i < j).
    Only the upper triangle of M is read (the rest may hold anything). With a list (li, lj, lc of capacity `cap`, else NULL) the non-zero c_ij are also listed there in
-   row order, as long as they fit (stats[3] > cap says they did not). */
+   row order, as long as they fit (stats[3] > cap says they did not).
+   pos_sum (only for kind 0, squared, pos_margin 0, where every same-label pair with raw >= 1e-12 has
+   c_ij = 2 exactly): the list leaves the same-label pairs out (dm_pair_list_grad adds them from
+   class sums, each with c = 2) except those with raw < 1e-12, listed with c = -2 to cancel them;
+   stats[3] then counts the list's entries. M is written as without pos_sum. */
 typedef struct {
     float* M;
     int64_t n, ld;
@@ -985,14 +1019,14 @@ typedef struct {
     int64_t squared, kind;
     int32_t *li, *lj;
     float* lc;
-    int64_t cap;
+    int64_t cap, pos_sum;
 } contrastive_args;
 static void contrastive_rows(const contrastive_args* a, double* stats) {
     const int64_t n = a->n, kind = a->kind, squared = a->squared;
     const v4f zero = vset(0.0f), one = vset(1.0f), two = vset(2.0f), veps = vset(1e-12f);
     const v4f vm = vset(a->margin), vpm = vset(a->pos_margin);
     const float far = a->margin <= 0.0f ? 0.0f : kind == 0 ? a->margin * a->margin * (1.0f + 1e-5f) : a->margin * (1.0f + 1e-5f);
-    const v4f vfar = vset(far), gscale = vset(kind == 0 ? 1.0f : 2.0f);
+    const v4f vfar = vset(far), gscale = vset(kind == 0 ? 1.0f : 2.0f), vneg2 = vset(-2.0f);
     int64_t listed = 0;
     for (int64_t i = 0; i < n; i++) {
         float* g = a->M + i * a->ld;
@@ -1025,6 +1059,11 @@ static void contrastive_rows(const contrastive_args* a, double* stats) {
             dt = vsel(same, dt, -dt) * gscale;                                \
             v4f c = vsel(passes & (ok), kind == 0 ? dt / d : dt, zero);       \
             v4i live = c != zero;                                             \
+            v4f lc = c;                                                       \
+            if (a->pos_sum) { /* same-label pairs: c = 2 unlisted, corrections */ \
+                live = (live & ~same) | (same & (ok) & ~passes);              \
+                lc = vsel(same, vneg2, c);                                    \
+            }                                                                 \
             vgnz -= live;                                                     \
             store4(g, j, n, full, c);                                         \
             if (a->lc && any4(live)) {                                        \
@@ -1033,7 +1072,7 @@ static void contrastive_rows(const contrastive_args* a, double* stats) {
                     if (listed < a->cap) {                                    \
                         a->li[listed] = (int32_t)i;                           \
                         a->lj[listed] = (int32_t)(j + q);                     \
-                        a->lc[listed] = c[q];                                 \
+                        a->lc[listed] = lc[q];                                \
                     }                                                         \
                     listed++;                                                 \
                 }                                                             \
@@ -1059,7 +1098,7 @@ static void contrastive_rows(const contrastive_args* a, double* stats) {
 }
 void dm_contrastive_rows(float* M, int64_t n, int64_t ld, const float* sq, const int32_t* lab, float margin,
                          float pos_margin, int64_t squared, int64_t kind, int32_t* li, int32_t* lj, float* lc,
-                         int64_t cap, double* stats) {
-    contrastive_args a = {M, n, ld, sq, lab, margin, pos_margin, squared, kind, li, lj, lc, cap};
+                         int64_t cap, int64_t pos_sum, double* stats) {
+    contrastive_args a = {M, n, ld, sq, lab, margin, pos_margin, squared, kind, li, lj, lc, cap, pos_sum};
     contrastive_rows(&a, stats);
 }

@@ -312,7 +312,9 @@ class _NativeContrastive(torch.autograd.Function):
     ``dm_contrastive_rows`` computes the distances, the terms and ``c_ij = (∂term/∂d)/d`` over the
     upper triangle of ``X Xᵀ`` in place (each unordered pair standing for both orders). Backward:
     ``∂L/∂x_i = Σ_j 2c_ij (x_i − x_j) / denominator``, from the list of the few non-zero ``c_ij``
-    the kernel wrote (``dm_pair_list_grad``) or, when many are non-zero, as one GEMM ``W X`` with ``W`` the mirrored
+    the kernel wrote (``dm_pair_list_grad``; with the default ``d²`` positive term, whose ``c_ij`` is 2
+    for every positive pair, the positives come from class sums instead of list entries) or, when
+    many are non-zero, as one GEMM ``W X`` with ``W`` the mirrored
     matrix and ``W_ii = −Σ_j W_ij`` (``dm_pair_finalize``). A batch without positive pairs gives 0 and
     a zero gradient, as the blocked path."""
 
@@ -328,10 +330,12 @@ class _NativeContrastive(torch.autograd.Function):
         cap = int(_NATIVE_SPARSE * batch * (batch - 1) / 2) if need else 0
         li, lj = torch.empty(cap, dtype=torch.int32), torch.empty(cap, dtype=torch.int32)
         lc = torch.empty(cap)
+        # the defaults' positive pairs (d² with no margin) all have c_ij = 2: class sums, not list entries
+        pos_sum = need and kind == "euclidean" and squared and pos_margin == 0.0
         lib.dm_contrastive_rows(
             gram.data_ptr(), batch, gram.stride(0), sq.data_ptr(), lab.data_ptr(), margin, pos_margin,
             int(squared), 0 if kind == "euclidean" else 1, li.data_ptr(), lj.data_ptr(), lc.data_ptr() if need else None,
-            cap, stats.data_ptr(),
+            cap, int(pos_sum), stats.data_ptr(),
         )
         total, nonzero, positives, grads = (float(v) for v in stats)
         if reduction == "sum":
@@ -342,26 +346,27 @@ class _NativeContrastive(torch.autograd.Function):
             denom = max(nonzero, 1.0)
         ctx.scale = 0.0 if positives == 0 else 1.0 / denom
         ctx.lib, ctx.count = lib, int(grads)
-        if not (need and ctx.scale and grads):
-            ctx.save_for_backward(xd, None, None, None, None)
-        elif grads <= cap:  # the list holds every pair with a gradient
-            ctx.save_for_backward(xd, None, li[: ctx.count], lj[: ctx.count], lc[: ctx.count])
+        if not (need and ctx.scale and (grads or pos_sum)):
+            ctx.save_for_backward(xd, None, None, None, None, None)
+        elif grads <= cap:  # the list holds every pair with a gradient (with pos_sum: but the positives)
+            ctx.save_for_backward(xd, None, li[: ctx.count], lj[: ctx.count], lc[: ctx.count], lab if pos_sum else None)
         else:
             ctx.save_for_backward(xd, finalize(lib, gram, lab, None, None, None, upper=True, diag_rows=True),
-                                  None, None, None)
+                                  None, None, None, None)
         return torch.tensor(total * ctx.scale, dtype=x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        xd, weights, li, lj, lc = ctx.saved_tensors
+        xd, weights, li, lj, lc, pos_lab = ctx.saved_tensors
         scale = float(grad_out) * ctx.scale
         if weights is not None:
             gx = torch.mm(weights, xd).mul_(-scale)
         elif lc is not None:
             gx = torch.empty_like(xd)
             status = ctx.lib.dm_pair_list_grad(li.data_ptr(), lj.data_ptr(), lc.data_ptr(), ctx.count,
-                                               xd.data_ptr(), xd.shape[0], xd.shape[1], gx.data_ptr(), scale)
+                                               xd.data_ptr(), xd.shape[0], xd.shape[1], gx.data_ptr(), scale,
+                                               None if pos_lab is None else pos_lab.data_ptr(), 2.0)
             if status != 0:
                 raise MemoryError("contrastive backward: could not allocate the kernel's row scratch")
         else:
