@@ -419,6 +419,50 @@ void dm_pair_finalize(float* M, int64_t n, int64_t ld, const int32_t* lab, const
    size and the row sum of i's class), by class sums in O(n D) instead of a list entry per pair.
    Returns 0, or -1 if the scratch could not be allocated (G untouched). */
 static int64_t dense_ids(const int64_t* lab64, const int32_t* lab32, int64_t n, int64_t* out);
+/* The list's entries: G_i -= w x_j, G_j -= w x_i, r_i += w, r_j += w. A run of entries with the same
+   i (the kernels list row by row) adds its G_i terms up in acc (D floats, stays in L1) and writes
+   G_i once, so each entry reads x_j and updates G_j only. AVX2 + FMA where the CPU has them. */
+INLINE void list_entries_body(const int32_t* ri, const int32_t* rj, const float* c, int64_t count,
+                              const float* X, int64_t D, float* G, float* r, float scale, float* restrict acc) {
+    for (int64_t k = 0; k < count;) {
+        const int64_t i = ri[k];
+        const float* restrict xi = X + i * D;
+        memset(acc, 0, (size_t)D * sizeof(float));
+        float rsum = 0.0f;
+        for (; k < count && ri[k] == i; k++) {
+            const float w = 2.0f * scale * c[k];
+            const float* restrict xj = X + (int64_t)rj[k] * D;
+            float* restrict gj = G + (int64_t)rj[k] * D;
+            rsum += w;
+            r[rj[k]] += w;
+            for (int64_t t = 0; t < D; t++) {
+                acc[t] -= w * xj[t];
+                gj[t] -= w * xi[t];
+            }
+        }
+        r[i] += rsum;
+        float* restrict gi = G + i * D;
+        for (int64_t t = 0; t < D; t++) gi[t] += acc[t];
+    }
+}
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("avx2,fma"))) static void list_entries_avx2(const int32_t* ri, const int32_t* rj,
+                                                                   const float* c, int64_t count, const float* X,
+                                                                   int64_t D, float* G, float* r, float scale,
+                                                                   float* acc) {
+    list_entries_body(ri, rj, c, count, X, D, G, r, scale, acc);
+}
+#endif
+static void list_entries(const int32_t* ri, const int32_t* rj, const float* c, int64_t count, const float* X,
+                         int64_t D, float* G, float* r, float scale, float* acc) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (cpu_has_avx2()) {
+        list_entries_avx2(ri, rj, c, count, X, D, G, r, scale, acc);
+        return;
+    }
+#endif
+    list_entries_body(ri, rj, c, count, X, D, G, r, scale, acc);
+}
 int dm_pair_list_grad(const int32_t* ri, const int32_t* rj, const float* c, int64_t count, const float* X,
                       int64_t n, int64_t D, float* G, float scale, const int32_t* lab, float cpos) {
     float* r = calloc((size_t)(n > 0 ? n : 1), sizeof(float));
@@ -444,20 +488,14 @@ int dm_pair_list_grad(const int32_t* ri, const int32_t* rj, const float* c, int6
         const float w = 2.0f * scale * cpos;
         for (int64_t i = 0; i < n; i++) r[i] = w * (float)size[group[i]];
     }
-    memset(G, 0, (size_t)(n * D) * sizeof(float));
-    for (int64_t k = 0; k < count; k++) {
-        const float w = 2.0f * scale * c[k];
-        const float* restrict xi = X + (int64_t)ri[k] * D;
-        const float* restrict xj = X + (int64_t)rj[k] * D;
-        float* restrict gi = G + (int64_t)ri[k] * D;
-        float* restrict gj = G + (int64_t)rj[k] * D;
-        r[ri[k]] += w;
-        r[rj[k]] += w;
-        for (int64_t t = 0; t < D; t++) {
-            gi[t] -= w * xj[t];
-            gj[t] -= w * xi[t];
-        }
+    float* acc = malloc((size_t)(D > 0 ? D : 1) * sizeof(float));
+    if (!acc) {
+        free(r), free(sums), free(group);
+        return -1;
     }
+    memset(G, 0, (size_t)(n * D) * sizeof(float));
+    list_entries(ri, rj, c, count, X, D, G, r, scale, acc);
+    free(acc);
     const float wpos = 2.0f * scale * cpos;
     for (int64_t i = 0; i < n; i++) {
         const float ri_ = r[i];
