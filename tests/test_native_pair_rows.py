@@ -111,15 +111,22 @@ def _contrastive_backward_case(spread, native_calls, monkeypatch):
     if spread == "dense":
         x = x * 0.2
     loss = ContrastiveLoss(margin=1.0, squared=False, reduction="mean_nonzero")
+    ref = lambda e: ref_contrastive(e, labels, margin=1.0, squared=False, reduction="mean_nonzero")  # noqa: E731
+    _native_matches_torch_and_reference(loss, ref, x, labels, native_calls, monkeypatch, atol=1e-7)
+
+
+def _native_matches_torch_and_reference(loss, ref, x, labels, native_calls, monkeypatch, atol):
+    """``loss`` on the native path (taken once), then on the torch path (``DEEPMETRIC_NATIVE=0``) and
+    ``ref`` in float64: equal values and gradients."""
     value, grad = _value_grad(lambda e: loss(e, labels), x)
     assert native_calls["native"] == 1
     monkeypatch.setenv("DEEPMETRIC_NATIVE", "0")
     torch_value, torch_grad = _value_grad(lambda e: loss(e, labels), x)
     torch.testing.assert_close(value, torch_value, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(grad, torch_grad, rtol=1e-4, atol=1e-7)
-    ref_value, ref_grad = _value_grad(lambda e: ref_contrastive(e, labels, margin=1.0, squared=False,
-                                                               reduction="mean_nonzero"), x.double())
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grad, torch_grad, rtol=1e-4, atol=atol)
+    ref_value, ref_grad = _value_grad(ref, x.double())
+    torch.testing.assert_close(value.double(), ref_value, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=atol)
 
 
 @pytest.mark.parametrize("portable", [False, True])
@@ -139,16 +146,8 @@ def test_contrastive_native_default_positives_from_class_sums(spread, portable, 
     x[third] = x[first] + 1e-7  # a near duplicate (raw < 1e-12)
     if spread == "dense":
         x = x * 0.2
-    loss = ContrastiveLoss()
-    value, grad = _value_grad(lambda e: loss(e, labels), x)
-    assert native_calls["native"] == 1
-    monkeypatch.setenv("DEEPMETRIC_NATIVE", "0")
-    torch_value, torch_grad = _value_grad(lambda e: loss(e, labels), x)
-    torch.testing.assert_close(value, torch_value, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(grad, torch_grad, rtol=1e-4, atol=1e-6)
-    ref_value, ref_grad = _value_grad(lambda e: ref_contrastive(e, labels, margin=1.0), x.double())
-    torch.testing.assert_close(value.double(), ref_value, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+    ref = lambda e: ref_contrastive(e, labels, margin=1.0)  # noqa: E731
+    _native_matches_torch_and_reference(ContrastiveLoss(), ref, x, labels, native_calls, monkeypatch, atol=1e-6)
 
 
 def test_contrastive_native_without_positives_is_zero(native_calls):
