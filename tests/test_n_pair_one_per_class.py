@@ -139,6 +139,8 @@ def test_fewer_than_two_pairs_is_zero(dtype):
         loss = NPairLoss(l2_reg=0.0, pairs="one_per_class")(x, torch.tensor(labels))
         loss.backward()
         assert loss.item() == 0.0 and not x.grad.any()
+        penalised = NPairLoss(l2_reg=0.1, pairs="one_per_class")(x, torch.tensor(labels))
+        assert abs(penalised.item() - 0.1 * x.detach().norm(dim=1).mean().item()) < 1e-6  # the penalty alone
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -51,10 +51,11 @@ def n_pair_loss(
             loss = _NPairNative.apply(embeddings, native[1], native[0], need, *checked)
         else:
             rows = first_pair_rows(labels)
-            if rows.numel() < 4:  # fewer than two classes with a pair: no negatives
+            if rows.numel() < 4:  # fewer than two classes with a pair: no negatives, no cross-entropy
                 check_inputs(*checked)
-                return zero_loss(embeddings)
-            loss = _NPairCrossEntropy.apply(embeddings, None, rows.to(embeddings.device), *checked)
+                loss = zero_loss(embeddings)
+            else:
+                loss = _NPairCrossEntropy.apply(embeddings, None, rows.to(embeddings.device), *checked)
         return loss + l2_reg * embeddings.norm(dim=1).mean() if l2_reg else loss
     if _is_n_pair_batch(labels, ref_lab, indices, same_set):
         # the paper's batch: N anchors, their N positives, one class each. The positive of anchor i is
@@ -245,7 +246,8 @@ class NPairLoss(nn.Module):
     Shape:
         embeddings ``(B, D)``, labels ``(B,)``; ``ref_embeddings`` ``(R, D)``, ``ref_labels`` ``(R,)``;
         output: scalar. A batch with no positive pair returns 0 (with a graph; the penalty is then
-        not added either).
+        not added either); with ``pairs="one_per_class"``, fewer than two classes with a pair give
+        a cross-entropy term of 0 and the penalty alone.
 
     Requirements:
         ≥ 2 samples per class (K ≥ 2) and ≥ 2 classes per batch. Do not L2-normalise the embeddings
