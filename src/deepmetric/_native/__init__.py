@@ -54,7 +54,7 @@ _SIGNATURES: dict[str, dict[str, tuple[list, object]]] = {
         "dm_first_pairs": ([_P, _I, _P], _I),
         "dm_npair_rows": ([_P, _I, _I, _F, _P], ctypes.c_double),
         "dm_npair_gather": ([_P, _P, _I, _I, _P, _P], None),
-        "dm_scatter_rows": ([_P, _P, _I, _I, _P, _I, _F], None),
+        "dm_scatter_rows": ([_P, _P, _I, _I, _P, _I], None),
         "dm_force_generic": ([_I], _I),
         "dm_ranked_list_rows": ([_P, _I, _I, _P, _F, _F, _F, _F, _P, _P, _P], None),
         "dm_contrastive_rows": ([_P, _I, _I, _P, _P, _F, _F, _I, _I, _P, _P, _P, _I, _I, _P], None),

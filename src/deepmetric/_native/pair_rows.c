@@ -639,7 +639,7 @@ int64_t dm_first_pairs(const int64_t* lab, int64_t n, int64_t* rows) {
 /* The N-pair batch's rows (deepmetric.losses.n_pair), from x (rows of d floats) and rows as written
    by dm_first_pairs (anchors rows[0..m), positives rows[m..2m)): pa = [P; A] (2m x d, P the
    positives' rows, A the anchors'), pt = P^T (d x m). And the scatter of the gradient's rows:
-   out (n x d) = 0 except out[rows[r]] = scale src[r] (rows distinct, each in [0, n)). */
+   out (n x d) = 0 except out[rows[r]] = src[r] (rows distinct, each in [0, n)). */
 /* dst (c x r, row stride ldd) = src^T (src: r x c, row stride lds), in 8 x 8 tiles. */
 static void transpose(const float* src, int64_t r, int64_t c, int64_t lds, float* dst, int64_t ldd) {
     for (int64_t i0 = 0; i0 < r; i0 += 8)
@@ -656,14 +656,9 @@ void dm_npair_gather(const float* x, const int64_t* rows, int64_t m, int64_t d, 
     }
     transpose(pa, m, d, d, pt, m);
 }
-void dm_scatter_rows(const float* src, const int64_t* rows, int64_t k, int64_t d, float* out, int64_t n,
-                     float scale) {
+void dm_scatter_rows(const float* src, const int64_t* rows, int64_t k, int64_t d, float* out, int64_t n) {
     memset(out, 0, (size_t)(n * d) * sizeof(float));
-    for (int64_t r = 0; r < k; r++) {
-        float* restrict o = out + rows[r] * d;
-        const float* restrict v = src + r * d;
-        for (int64_t t = 0; t < d; t++) o[t] = scale * v[t];
-    }
+    for (int64_t r = 0; r < k; r++) memcpy(out + rows[r] * d, src + r * d, (size_t)d * sizeof(float));
 }
 
 /* The batch's classes: group[i] in [0, G) (dense_ids), the members of class g are

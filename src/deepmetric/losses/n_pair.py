@@ -167,12 +167,10 @@ def _npair_native(
     :math:`G` and :math:`G^\top` in one pass over ``S`` (``dm_npair_rows``), the scatter into a zero
     gradient (``dm_scatter_rows``). The three matmuls take row-major operands: ``S = A (Pᵀ)`` and one
     batched ``[G; Gᵀ] @ [P; A]``. Fewer than two classes with a pair (no negatives): 0."""
-    x = x.contiguous()  # (labels: contiguous, from label_kernel)
+    x = x.contiguous()
     batch, d = x.shape
-    rows = torch.empty(batch, dtype=torch.int64)
-    n = lib.dm_first_pairs(labels.data_ptr(), batch, rows.data_ptr())
-    if n < 0:
-        raise MemoryError("N-pair loss: out of memory for the label table")
+    rows = first_pair_rows(labels)  # (int64 CPU labels: its C pass)
+    n = rows.shape[0] // 2
     if n < 2:
         check_inputs(*checked)  # type: ignore[arg-type]
         return 0.0, torch.zeros_like(x) if need_grad else None
@@ -187,7 +185,7 @@ def _npair_native(
         return total / n, None
     grad_rows = torch.bmm(g, pa)  # [G P; Gᵀ A] = [∂L/∂A; ∂L/∂P], in the order of rows
     grad_x = x.new_empty(batch, d)
-    lib.dm_scatter_rows(grad_rows.data_ptr(), rows.data_ptr(), 2 * n, d, grad_x.data_ptr(), batch, 1.0)
+    lib.dm_scatter_rows(grad_rows.data_ptr(), rows.data_ptr(), 2 * n, d, grad_x.data_ptr(), batch)
     return total / n, grad_x
 
 
